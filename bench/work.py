@@ -32,3 +32,46 @@ def newton_schulz_flops(rows: int, cols: int, steps: int, symmetric: bool = Fals
     if symmetric:
         gram, square = gram * (m + 1) // (2 * m), square * (m + 1) // (2 * m)
     return steps * (gram + square + apply)
+
+
+def _blocks(n: int, block: int) -> list[int]:
+    """Sizes of the blocks a dimension of size n is cut into (full blocks, then the remainder)."""
+    return [block] * (n // block) + ([n % block] if n % block else [])
+
+
+def _block_sides(shape, block: int, max_dim: int):
+    """(b1, b2, rotate1, rotate2) per block of a 2-D shape; a dimension above `max_dim` is not preconditioned."""
+    rows, cols = shape
+    return [(b1, b2, rows <= max_dim, cols <= max_dim) for b1 in _blocks(rows, block) for b2 in _blocks(cols, block)]
+
+
+def soap_step_flops(shapes, block: int, frequency: int, max_dim: int) -> int:
+    """Dense FLOPs of one SOAP step (benchmark-spec §1.10) per b1×b2 block and preconditioned side of size b:
+    the statistics update G·Gᵀ (2·b²·b'), three rotations (g and m into the eigenbasis, u back: 2·b²·b' each),
+    and the refresh every `frequency` steps (the power step GG·Q, 2·b³, and a QR, ~4/3·b³). 1-D tensors are
+    elementwise and not counted. An estimate for the reference; the SOAP ops' own benchmarks count exactly."""
+    total = 0
+    for shape in shapes:
+        if len(shape) != 2:
+            continue
+        for b1, b2, rot1, rot2 in _block_sides(shape, block, max_dim):
+            for b, other, rotated in ((b1, b2, rot1), (b2, b1, rot2)):
+                if rotated:
+                    total += 4 * 2 * b * b * other + (2 * b**3 + 4 * b**3 // 3) // frequency
+    return total
+
+
+def kron_step_flops(shapes, block: int, max_triangular: int) -> int:
+    """Dense FLOPs of one PSGD-Kron step (benchmark-spec §1.9) with the preconditioner updated (as early in
+    training, p = 1) per b1×b2 block and triangular side of size b: applying (QᵀQ)·m (two products, 2·b²·b'
+    each), the update's A = Q·G, the triangular solve for conjB (b²·b'), the two contractions (2·b²·b' each) and
+    the factor step triu(·)·Q (b³). Diagonal sides are elementwise and not counted. An estimate for the reference."""
+    total = 0
+    for shape in shapes:
+        if len(shape) != 2:
+            continue
+        for b1, b2, tri1, tri2 in _block_sides(shape, block, max_triangular):
+            for b, other, triangular in ((b1, b2, tri1), (b2, b1, tri2)):
+                if triangular:
+                    total += (2 + 2 + 2 + 1 + 2 + 2) * b * b * other + b**3
+    return total
