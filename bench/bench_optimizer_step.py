@@ -128,7 +128,13 @@ def _kron_torch(model, device):
     kron_torch = require_peer("kron-torch")
     opt = kron_torch.Kron(model.parameters(), lr=LR, b1=0.9, weight_decay=WEIGHT_DECAY,
                           preconditioner_update_probability=1.0, max_size_triangular=LARGE_DIM[device.type]["kron"])
-    return _clipped(list(model.parameters()), opt)
+    step = _clipped(list(model.parameters()), opt)
+
+    def eager_step():  # kron-torch torch.compiles its helpers; eager like every other backend (see heavyball)
+        with torch.compiler.set_stance("force_eager"):
+            step()
+
+    return eager_step
 
 
 def _pytorch_optimizer_soap(model, device):
