@@ -8,7 +8,9 @@ Environment:
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 from setuptools import setup
 
@@ -16,14 +18,17 @@ from setuptools import setup
 def resolve_cuda_home():
     """Point CUDA_HOME at the toolkit behind the nvcc on PATH.
 
-    torch guesses CUDA_HOME as the folder above nvcc; where nvcc is a link (/usr/local/bin/nvcc → the toolkit's
-    bin/), that guess is /usr/local, whose lib/ has no libcudart, and the link fails. Set before torch reads it.
+    torch guesses CUDA_HOME as the folder above nvcc; where nvcc is a wrapper or a link (/usr/local/bin/nvcc), that
+    guess is /usr/local, whose lib/ has no libcudart, and the link fails. nvcc's dry run names its real toolkit
+    (TOP=...). Done before torch reads CUDA_HOME.
     """
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or not shutil.which("nvcc"):
         return
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    dry_run = subprocess.run(["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    top = re.search(r"^#\$ TOP=(.+)$", dry_run, re.MULTILINE)
+    if top:
+        os.environ["CUDA_HOME"] = os.path.normpath(top.group(1).strip())
 
 
 resolve_cuda_home()
