@@ -143,7 +143,12 @@ class BaseOptimizer(torch.optim.Optimizer):
     # Which branches max_grad_norm clips (None: every group). Split optimizers clip their elementwise branch only.
     clipped_branches: frozenset[str] | None = None
 
-    def __init__(self, params, defaults: dict, *, fused=None, check_finite=False, overrides=None):
+    def __init__(self, params, defaults: dict, *, fused=None, check_finite=False, overrides=None, **unknown):
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}: unknown option(s) {', '.join(map(repr, sorted(unknown)))}; its options are "
+                f"{', '.join(sorted(defaults))}, fused, check_finite, overrides"
+            )
         if fused not in (None, True, False):
             raise ValueError(f"fused: expected None, True or False, got {fused!r}")
         if check_finite not in (False, True, "warn", "raise"):
