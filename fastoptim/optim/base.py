@@ -40,7 +40,7 @@ def check_lr(value) -> str | None:
     """
     if isinstance(value, torch.Tensor):
         if value.ndim != 0 or not value.is_floating_point():
-            return f"must be a float or a 0-dim floating tensor, got a tensor of shape {tuple(value.shape)}, {value.dtype}"
+            return f"must be a float or a 0-dim floating tensor, got shape {tuple(value.shape)}, {value.dtype}"
         if value.device.type != "cpu":
             return None
         value = value.item()
