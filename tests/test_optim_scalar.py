@@ -547,3 +547,32 @@ def test_check_finite_names_the_parameter_before_writing(rng):
     warns = fastoptim.AdamW(model, check_finite="warn")
     with pytest.warns(RuntimeWarning, match="'lm_head.weight'"):
         warns.step()
+
+
+def test_added_param_group_is_routed_and_validated(rng):
+    params = random_tensors([(4, 3)], torch.float64, rng)
+    opt = fastoptim.AdamMini(params)
+    with pytest.raises(ValueError, match="param_groups\\[1\\].*lr=-0.5"):
+        opt.add_param_group({"params": random_tensors([(5,)], torch.float64, rng), "lr": -0.5})
+    assert len(opt.param_groups) == 1
+    extra = random_tensors([(2, 6), (5,)], torch.float64, rng)
+    opt.add_param_group({"params": extra, "lr": 0.1})
+    assert [(g["branch"], g["lr"], len(g["params"])) for g in opt.param_groups] == [
+        ("mini", 0.004, 1), ("mini", 0.1, 1), ("adamw", 0.1, 1)
+    ]
+
+
+def test_native_decoupled_update_is_the_auto_choice_and_matches_pure(rng):
+    pytest.importorskip("fastoptim.ops", reason="native library not built")
+    params = random_tensors([(7, 5), (0,), (33,)], torch.float32, rng)
+    updates = random_tensors([(7, 5), (0,), (33,)], torch.float32, rng)
+    expected = [p.double() * (1 - 0.1 * 0.3) - 0.1 * u.double() for p, u in zip(params, updates)]
+    native = functional.select("apply_update", params, fused=None)
+    assert native is not functional.PURE["apply_update"]
+    native(params, updates, lr=0.1, weight_decay=0.3)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.double(), e, rtol=1e-6, atol=1e-7)
+    doubles = random_tensors([(3,)], torch.float64, rng)
+    assert functional.select("apply_update", doubles, fused=None) is functional.PURE["apply_update"]
+    with pytest.raises(RuntimeError, match="does not support"):
+        functional.select("apply_update", doubles, fused=True)
