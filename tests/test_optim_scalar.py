@@ -576,3 +576,15 @@ def test_native_decoupled_update_is_the_auto_choice_and_matches_pure(rng):
     assert functional.select("apply_update", doubles, fused=None) is functional.PURE["apply_update"]
     with pytest.raises(RuntimeError, match="does not support"):
         functional.select("apply_update", doubles, fused=True)
+
+
+@pytest.mark.parametrize("name", ["adamw", "nadamw", "mars", "cautious", "lion", "mini", "sophia"])
+def test_registry_builds_each_scalar_optimizer_from_flat_hparams(name):
+    model = TinyLM()
+    opt = build_optimizer(name, model, {"lr": 0.003, "beta1": 0.85, "weight_decay": 0.2, "max_grad_norm": 2.0})
+    assert isinstance(opt, fastoptim.optimizer_class(name))
+    for group in opt.param_groups:
+        assert (group["lr"], group["betas"][0], group["weight_decay"], group["max_grad_norm"]) == (0.003, 0.85, 0.2, 2.0)
+        assert group["weight_decay_mask"] == all(
+            not any(s in n for s in ("embed", "norm", "bias")) for n in group["names"]
+        )
