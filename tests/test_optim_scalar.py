@@ -588,3 +588,33 @@ def test_registry_builds_each_scalar_optimizer_from_flat_hparams(name):
         assert group["weight_decay_mask"] == all(
             not any(s in n for s in ("embed", "norm", "bias")) for n in group["names"]
         )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_float32_with_device_lr_matches_float64_reference(name, rng):
+    cls, hp = CASES[name]
+    params = random_tensors(SHAPES, torch.float32, rng)
+    grads_seq = [random_tensors(SHAPES, torch.float32, rng) for _ in range(6)]
+    reference = Reference(name, [reference_group(name, params, hp)])
+    on_gpu = [p.cuda() for p in params]
+    opt = cls(on_gpu, **dict(hp, lr=torch.tensor(hp["lr"], device="cuda")))
+    run(opt, on_gpu, [[g.cuda() for g in grads] for grads in grads_seq])
+    for grads in grads_seq:
+        reference.step([grads])
+    for p, expected in zip(on_gpu, reference.groups[0]["params"]):
+        torch.testing.assert_close(p.cpu().double(), expected, **tolerance(torch.float32))
+
+
+def test_adam_mini_head_blocks_from_n_heads_and_grouped_keys():
+    from fastoptim.optim.adam_mini import head_blocks
+
+    attn = nn.Module()
+    attn.n_heads = 4  # no head_dim: it is q_proj's rows / n_heads = 2
+    attn.q_proj, attn.k_proj, attn.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+    model = nn.Module()
+    model.attn = attn
+    assert head_blocks(model) == {attn.q_proj.weight: 4, attn.k_proj.weight: 2}
+    attn.head_dim = 3
+    with pytest.raises(ValueError, match="attn.q_proj.weight: 8 rows is not a multiple of head_dim=3"):
+        head_blocks(model)
