@@ -618,3 +618,38 @@ def test_adam_mini_head_blocks_from_n_heads_and_grouped_keys():
     attn.head_dim = 3
     with pytest.raises(ValueError, match="attn.q_proj.weight: 8 rows is not a multiple of head_dim=3"):
         head_blocks(model)
+
+
+# ---- the cores Muon and Scion call (spec §1.7, §1.8) ----
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_signum_core_matches_reference(dtype, rng):
+    params = random_tensors(SHAPES, dtype, rng)
+    expected = [p.double().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    reference_buffers = [torch.zeros_like(p) for p in expected]
+    for _ in range(4):
+        grads = random_tensors(SHAPES, dtype, rng)
+        scale = 0.5
+        functional.signum_(params, grads, buffers, lr=0.02, beta=0.9, weight_decay=0.1,
+                           grad_scale=torch.tensor(scale, dtype=dtype))
+        for i, g in enumerate(grads):
+            reference_buffers[i] = 0.9 * reference_buffers[i] + 0.1 * scale * g.double()
+            expected[i] = expected[i] - 0.02 * (torch.sign(reference_buffers[i]) + 0.1 * expected[i])
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.double(), e, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("ema", [True, False])
+def test_momentum_core_matches_reference(nesterov, ema, rng):
+    buffers = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    reference_buffers = [b.clone() for b in buffers]
+    for _ in range(4):
+        grads = random_tensors(SHAPES, torch.float64, rng)
+        directions = functional.momentum_(grads, buffers, beta=0.95, nesterov=nesterov, ema=ema)
+        for i, g in enumerate(grads):
+            new = 0.05 * g if ema else g  # EMA (Scion) damps the gradient; heavy ball (Muon) does not
+            reference_buffers[i] = 0.95 * reference_buffers[i] + new
+            expected = 0.95 * reference_buffers[i] + new if nesterov else reference_buffers[i]
+            torch.testing.assert_close(directions[i], expected, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(buffers[i], reference_buffers[i], rtol=1e-12, atol=1e-14)
