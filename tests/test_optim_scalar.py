@@ -16,7 +16,6 @@ from fastoptim.optim.registry import build_optimizer
 from reference_scalar import Reference
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These tensors are tiny: extra intra-op threads only spin (40× slower on a loaded 2-core machine)."""
@@ -94,7 +93,8 @@ def test_adamw_matches_torch(dtype, rng):
     run(fastoptim.AdamW(params, max_grad_norm=0, **hp), params, grads_seq)
     run(torch.optim.AdamW(twins, foreach=False, **hp), twins, grads_seq)
     for p, q in zip(params, twins):
-        torch.testing.assert_close(p, q, **(dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)))
+        close = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p, q, **close)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -584,7 +584,8 @@ def test_registry_builds_each_scalar_optimizer_from_flat_hparams(name):
     opt = build_optimizer(name, model, {"lr": 0.003, "beta1": 0.85, "weight_decay": 0.2, "max_grad_norm": 2.0})
     assert isinstance(opt, fastoptim.optimizer_class(name))
     for group in opt.param_groups:
-        assert (group["lr"], group["betas"][0], group["weight_decay"], group["max_grad_norm"]) == (0.003, 0.85, 0.2, 2.0)
+        options = (group["lr"], group["betas"][0], group["weight_decay"], group["max_grad_norm"])
+        assert options == (0.003, 0.85, 0.2, 2.0)
         assert group["weight_decay_mask"] == all(
             not any(s in n for s in ("embed", "norm", "bias")) for n in group["names"]
         )
