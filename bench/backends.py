@@ -9,7 +9,9 @@ import importlib
 import pytest
 import torch
 
-OURS = ("fastoptim", "fastoptim-torch")  # fused kernels (fused=True / the ops), pure-torch path (fused=False)
+# The default path (fused=None: kernels wherever an op exists, i.e. the ops themselves in op benchmarks), and the
+# pure-torch path (fused=False).
+OURS = ("fastoptim", "fastoptim-torch")
 # Peers by backend name: the module to import and the pip package that provides it (all in the `peers` extra).
 PEERS = {
     "torch-foreach": ("torch", "torch"),

@@ -29,7 +29,8 @@ How to write a benchmark (a file bench/bench_<family>.py; functions test_*):
   after calling `measure` (e.g. `benchmark.extra_info["symmetric_floor_pct"] = ...`).
 - `family` names the op family or "step-<optimizer>"; the group (table section) is "<family>[<shape set>]", so all
   backends of one family and shape set sit side by side, and `fastoptim bench` shows our speedup over each peer.
-- Backend names are in bench/backends.py: ours are "fastoptim" (kernels) and "fastoptim-torch" (pure-torch path);
+- Backend names are in bench/backends.py: ours are "fastoptim" (the op / the default fused=None path) and
+  "fastoptim-torch" (the pure-torch path, fused=False);
   peers "torch-foreach", "torch-fused", "torch", "plain-torch", "heavyball", "pytorch-optimizer", "kron-torch",
   "emerging-optimizers".
 """
@@ -44,7 +45,7 @@ from bench.shapes import shape_sets
 from bench.timing import REFERENCES, clock_for, clock_name, device_slug
 
 MAX_ROUNDS = 1000
-WARMUP_ROUNDS = {"cpu": 2, "cuda": 5}
+WARMUP_ROUNDS = {"cpu": 2, "cuda": 3}
 REFERENCE_SHARE = 4  # each of the two reference measurements gets 1/4 of the benchmark's rounds
 
 
