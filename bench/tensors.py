@@ -22,46 +22,46 @@ def make_tensors(shapes: ShapeSet, device, dtype=torch.float32, kinds=None, scal
 
 
 class _Attention(nn.Module):
-    def __init__(self, d: int, heads: int):
+    def __init__(self, d: int, heads: int, **factory):
         super().__init__()
         self.n_heads, self.head_dim = heads, d // heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False, **factory) for _ in range(4))
 
 
 class _MLP(nn.Module):
-    def __init__(self, d: int, ff: int):
+    def __init__(self, d: int, ff: int, **factory):
         super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False)
-        self.down_proj = nn.Linear(ff, d, bias=False)
+        self.gate_proj = nn.Linear(d, ff, bias=False, **factory)
+        self.up_proj = nn.Linear(d, ff, bias=False, **factory)
+        self.down_proj = nn.Linear(ff, d, bias=False, **factory)
 
 
 class _Block(nn.Module):
-    def __init__(self, d: int, ff: int, heads: int):
+    def __init__(self, d: int, ff: int, heads: int, **factory):
         super().__init__()
-        self.attn_norm, self.mlp_norm = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.attn, self.mlp = _Attention(d, heads), _MLP(d, ff)
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(d, **factory), nn.RMSNorm(d, **factory)
+        self.attn, self.mlp = _Attention(d, heads, **factory), _MLP(d, ff, **factory)
 
 
 class ParamModel(nn.Module):
     """The parameters of the spec's Llama under the names fastoptim's routing and the trainer's model use."""
 
-    def __init__(self, shapes: ShapeSet):
+    def __init__(self, shapes: ShapeSet, **factory):
         super().__init__()
         dims = shapes.dims
         if dims is None:
             raise ValueError(f"ParamModel: shape set {shapes.name!r} is not a model set")
-        self.embed_tokens = nn.Embedding(dims.vocab, dims.hidden)
-        self.layers = nn.ModuleList(_Block(dims.hidden, dims.intermediate, dims.heads) for _ in range(dims.layers))
-        self.norm = nn.RMSNorm(dims.hidden)
-        self.lm_head = nn.Linear(dims.hidden, dims.vocab, bias=False)
+        d = dims.hidden
+        self.embed_tokens = nn.Embedding(dims.vocab, d, **factory)
+        self.layers = nn.ModuleList(_Block(d, dims.intermediate, dims.heads, **factory) for _ in range(dims.layers))
+        self.norm = nn.RMSNorm(d, **factory)
+        self.lm_head = nn.Linear(d, dims.vocab, bias=False, **factory)
 
 
 def param_model(shapes: ShapeSet, device, dtype=torch.float32, with_grads: bool = True) -> ParamModel:
-    """A ParamModel on `device` with random weights (and random gradients), allocated once, directly there."""
+    """A ParamModel on `device` with random weights (and random gradients), allocated directly there."""
     device = torch.device(device)
-    with torch.device("meta"):
-        model = ParamModel(shapes)
-    model.to_empty(device=device).to(dtype)
+    model = ParamModel(shapes, device=device, dtype=dtype)
     named = dict(model.named_parameters())
     expected = {p.name: p.shape for p in shapes.params}
     if {n: tuple(p.shape) for n, p in named.items()} != expected:

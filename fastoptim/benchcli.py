@@ -30,9 +30,10 @@ def _compare_module():
 
 
 def _rate(info: dict) -> str:
+    rate = info["achieved_rate"]
     if info["bound"] == "memory":
-        return f"{info['achieved_rate'] / 1e9:8.1f} GB/s"
-    return f"{info['achieved_rate'] / 1e12:8.2f} TFLOP/s"
+        return f"{rate / 1e9:8.1f} GB/s"
+    return f"{rate / 1e12:8.2f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:8.1f} GFLOP/s"
 
 
 def _time(seconds: float) -> str:
