@@ -23,6 +23,7 @@ from fastoptim.optim.functional.adam_mini import adam_mini_
 from fastoptim.optim.functional.common import apply_update_
 from fastoptim.optim.functional.lion import lion_
 from fastoptim.optim.functional.momentum import momentum_, signum_
+from fastoptim.optim.functional.newton_schulz import newton_schulz
 from fastoptim.optim.functional.sophia import sophia_, sophia_hessian_
 
 PURE: dict[str, Callable] = {
@@ -35,6 +36,7 @@ PURE: dict[str, Callable] = {
     "sophia": sophia_,
     "sophia_hessian": sophia_hessian_,
     "apply_update": apply_update_,
+    "newton_schulz": newton_schulz,
 }
 
 # family -> (native core, supports(tensors) -> bool)
