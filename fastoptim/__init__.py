@@ -2,5 +2,6 @@
 
 from fastoptim.optim import OPTIMIZER_NAMES, build_optimizer, optimizer_class, param_groups
 from fastoptim.optim.muon import Muon, Scion
+from fastoptim.optim.soap import Soap
 
-__all__ = ["OPTIMIZER_NAMES", "build_optimizer", "optimizer_class", "param_groups", "Muon", "Scion"]
+__all__ = ["OPTIMIZER_NAMES", "build_optimizer", "optimizer_class", "param_groups", "Muon", "Scion", "Soap"]

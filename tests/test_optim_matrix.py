@@ -373,3 +373,130 @@ def test_vector_forced_into_the_matrix_branch_is_an_error():
     opt = fastoptim.Muon([{"params": params, "branch": "muon"}])
     params[0].grad = torch.randn(6)
     _assert_untouched_on_error(opt, params, "needs ≥ 2 dims")
+
+
+# ---------------------------------------------------------------- Soap
+
+def structured_grads(shape, steps, rank, gen):
+    """Gradients G_t = H_t ×_i U_i with fixed per-axis factors U_i (d_i × rank): every block's statistics have the
+    same fixed column spaces from the first step on. Soap's eigenbasis is only defined up to a rotation within a
+    null space of the first step's statistics; these gradients never enter it, so the result does not depend on
+    that arbitrary choice (random full-rank gradients on padded or rectangular blocks would)."""
+    factors = [torch.randn(d, min(d, rank), generator=gen) for d in shape]
+    out = []
+    for _ in range(steps):
+        g = torch.randn([u.shape[1] for u in factors], generator=gen)
+        for axis, u in enumerate(factors):
+            g = torch.tensordot(u, g, dims=([1], [axis])).movedim(0, axis)
+        out.append(g)
+    return out
+
+
+def run_soap(shapes, grads_per_step, refs, hp, ref_hp):
+    from reference_matrix import soap_step
+    params = random_params(shapes, 12)
+    opt = fastoptim.Soap(params, **hp)
+    ref = [p.detach().double().clone() for p in params]
+    states = [{} for _ in params]
+    for grads in grads_per_step:
+        set_grads(params, grads)
+        opt.step()
+        for p, g, st, r in zip(ref, clip_(grads, hp["max_grad_norm"]), states, refs):
+            soap_step(p, g, st, **r, **ref_hp)
+    return params, ref
+
+
+SOAP_HP = dict(lr=0.01, betas=(0.9, 0.95), shampoo_beta=0.9, weight_decay=0.1, precondition_frequency=3,
+               block_size=4, max_precond_dim=16, max_grad_norm=2.0)
+SOAP_REF_HP = dict(lr=0.01, betas=(0.9, 0.95), shampoo_beta=0.9, weight_decay=0.1, freq=3)
+
+
+def test_soap_matches_reference_on_full_blocks():
+    # square, tall and wide matrices cut into full 4×4 blocks, a 3-D tensor, and a dim ≥ max_precond_dim
+    shapes = [(8, 8), (8, 4), (4, 12), (4, 2, 2), (4, 20)]
+    refs = [dict(merged=(8, 8), block_shape=(4, 4), rotate=(True, True)),
+            dict(merged=(8, 4), block_shape=(4, 4), rotate=(True, True)),
+            dict(merged=(4, 12), block_shape=(4, 4), rotate=(True, True)),
+            dict(merged=(4, 2, 2), block_shape=(4, 2, 2), rotate=(True, True, True)),
+            dict(merged=(4, 20), block_shape=(4, 20), rotate=(True, False))]
+    gen = torch.Generator().manual_seed(13)
+    steps = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(7)]
+    params, ref = run_soap(shapes, steps, refs, dict(SOAP_HP, eps=1e-8, merge_dims_target=0),
+                           dict(SOAP_REF_HP, eps=1e-8))
+    for p, r in zip(params, ref):
+        assert_close(p.detach(), r, rtol=1e-4, atol=1e-5)
+
+
+def test_soap_matches_reference_on_padded_and_merged_blocks():
+    from fastoptim.optim.functional.blocks import merge_groups
+    assert merge_groups((2, 3, 4), 6) == [[0, 1], [2]]  # costs: (6, 4) 0.58 < (2, 3, 4) 3.17 < (2, 12) < (24)
+    shapes = [(6, 10), (6,), (3,), (2, 3, 4)]  # dims not multiples of 4; 1-D; merged to (6, 4)
+    refs = [dict(merged=(6, 10), block_shape=(4, 4), rotate=(True, True)),
+            dict(merged=(6,), block_shape=(4,), rotate=(True,)),
+            dict(merged=(3,), block_shape=(3,), rotate=(True,)),
+            dict(merged=(6, 4), block_shape=(4, 4), rotate=(True, True))]
+    gen = torch.Generator().manual_seed(14)
+    per_param = [[g.reshape(s) for g in structured_grads(r["merged"], 7, rank=1 if len(s) == 1 else 2, gen=gen)]
+                 for s, r in zip(shapes, refs)]  # structured in the merged shape, where the statistics live
+    steps = [list(gs) for gs in zip(*per_param)]
+    # eps well above float32 rounding of the (empty) null-space components, which it divides
+    params, ref = run_soap(shapes, steps, refs, dict(SOAP_HP, eps=1e-3, merge_dims_target=6),
+                           dict(SOAP_REF_HP, eps=1e-3))
+    for p, r in zip(params, ref):
+        assert_close(p.detach(), r, rtol=1e-4, atol=2e-5)
+
+
+def test_soap_first_step_only_initialises():
+    params = random_params([(8, 6), (5,)], 15)
+    before = [p.detach().clone() for p in params]
+    opt = fastoptim.Soap(params, lr=0.1, weight_decay=0.0, block_size=4, merge_dims_target=0)
+    set_grads(params, [torch.randn(p.shape) for p in params])
+    opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    state = opt.state[params[0]]
+    assert torch.count_nonzero(state["exp_avg"]) == 0 and torch.count_nonzero(state["exp_avg_sq"]) == 0
+    q = state["Q0"]  # orthonormal eigenbases, eigenvalues descending
+    torch.testing.assert_close(q.mT @ q, torch.eye(4).expand_as(q), atol=1e-5, rtol=0)
+    eig = torch.diagonal(q.mT @ state["GG0"] @ q, dim1=-2, dim2=-1)
+    assert (eig[:, :-1] >= eig[:, 1:] - 1e-6).all()
+    # with decay, the first step is w ← w − lr·λ·w only
+    opt = fastoptim.Soap(params, lr=0.1, weight_decay=0.5)
+    opt.step()
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.detach(), b * (1 - 0.05), rtol=1e-6, atol=0)
+
+
+def test_soap_zero_gradient_gives_finite_zero_update():
+    params = random_params([(8, 6), (5,)], 16)
+    before = [p.detach().clone() for p in params]
+    opt = fastoptim.Soap(params, weight_decay=0.0, block_size=4)
+    for _ in range(4):
+        set_grads(params, [torch.zeros_like(p) for p in params])
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_soap_state_dict_round_trip_and_groups():
+    make = lambda ps: fastoptim.Soap([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.002, "block_size": 3}],
+                                     block_size=4, precondition_frequency=2, merge_dims_target=0)
+    params = random_params([(8, 6), (6, 8), (7,), (5, 4)], 17)
+    straight, resumed = run_and_resume(make, [params], steps=3, seed=18)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def test_soap_tiny_llama_loss_falls():
+    losses = train_tiny(lambda m: fastoptim.Soap(m, lr=0.01, block_size=16, weight_decay=0.0))
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(shampoo_beta=1.0), "shampoo_beta"), (dict(block_size=0), "block_size"),
+    (dict(precondition_frequency=0), "precondition_frequency"), (dict(merge_dims_target=-1), "merge_dims_target"),
+    (dict(betas=(0.9, 1.0)), "betas"), (dict(lr=float("inf")), "lr"),
+])
+def test_soap_rejects_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastoptim.Soap(random_params([(4, 4)], 0), **kwargs)

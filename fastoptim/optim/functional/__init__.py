@@ -24,6 +24,7 @@ from fastoptim.optim.functional.common import apply_update_
 from fastoptim.optim.functional.lion import lion_
 from fastoptim.optim.functional.momentum import momentum_, signum_
 from fastoptim.optim.functional.newton_schulz import newton_schulz
+from fastoptim.optim.functional.soap import soap_init_, soap_step_
 from fastoptim.optim.functional.sophia import sophia_, sophia_hessian_
 
 PURE: dict[str, Callable] = {
@@ -37,6 +38,8 @@ PURE: dict[str, Callable] = {
     "sophia_hessian": sophia_hessian_,
     "apply_update": apply_update_,
     "newton_schulz": newton_schulz,
+    "soap_init": soap_init_,
+    "soap_step": soap_step_,
 }
 
 # family -> (native core, supports(tensors) -> bool)
