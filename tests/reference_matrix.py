@@ -179,10 +179,10 @@ def kron_update_prob(t, flat_start, p_min):
     return min(max(math.exp(-0.001 * (t - flat_start)), p_min), 1.0)
 
 
-def kron_step(p, g, state, v_noise, *, merged, block_shape, diagonal, lr, beta1, weight_decay, normalize_grads,
+def kron_step(p, g, state, draw_noise, *, merged, block_shape, diagonal, lr, beta1, weight_decay, normalize_grads,
               precond_lr, p_min, flat_start, init_scale):
-    """One Kron step for parameter p (float64, in place). `v_noise`: the list of N(0, I) blocks the preconditioner
-    update draws this step (ignored when it does not update). Returns whether the preconditioner was updated."""
+    """One Kron step for parameter p (float64, in place). `draw_noise(shape)`: the N(0, I) tensor of all blocks
+    that a preconditioner update draws. Returns whether the preconditioner was updated."""
     t = state["t"] = state.get("t", 0) + 1
     g = g.double()
     if normalize_grads:
@@ -209,6 +209,7 @@ def kron_step(p, g, state, v_noise, *, merged, block_shape, diagonal, lr, beta1,
                 for i in range(len(qs)):
                     qs[i] = qs[i] * (gmean / norms[i])
         mean_abs = torch.stack(mb).abs().mean()
+        v_noise = draw_noise((len(mb), *block_shape))
         for k, (mk, vk) in enumerate(zip(mb, v_noise)):
             qs = state["Q"][k]
             gk = mk + math.sqrt(torch.finfo(torch.float32).eps) * mean_abs * vk

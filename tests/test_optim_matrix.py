@@ -500,3 +500,132 @@ def test_soap_tiny_llama_loss_falls():
 def test_soap_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastoptim.Soap(random_params([(4, 4)], 0), **kwargs)
+
+
+# ---------------------------------------------------------------- Kron
+
+KRON_HP = dict(betas=(0.9, 0.0), weight_decay=0.1, block_size=4, precond_lr=0.2, precond_update_prob_min=0.1,
+               precond_update_flat_start=3, init_scale=1.0, max_size_triangular=16, max_grad_norm=2.0)
+
+
+def run_kron(groups_spec, steps, grad_seed, hp=KRON_HP):
+    """groups_spec: list of (shapes, refs, group options); the library and the float64 reference side by side."""
+    from reference_matrix import kron_step
+    params = [random_params(shapes, 20 + k) for k, (shapes, _, _) in enumerate(groups_spec)]
+    opt = fastoptim.Kron([dict(params=ps, **opts) for ps, (_, _, opts) in zip(params, groups_spec)], **hp, seed=5)
+    refs = [[p.detach().double().clone() for p in ps] for ps in params]
+    states = [[{} for _ in ps] for ps in params]
+    gen, noise_gen = torch.Generator().manual_seed(grad_seed), torch.Generator().manual_seed(5)
+    draw = lambda shape: torch.randn(shape, generator=noise_gen).double()  # the library's draw order
+    updated = []
+    for _ in range(steps):
+        grads = [random_grads(ps, gen) for ps in params]
+        for ps, gs in zip(params, grads):
+            set_grads(ps, gs)
+        opt.step()
+        for k, (shapes, layouts, opts) in enumerate(groups_spec):
+            g_hp = {**hp, **opts}
+            gs = grads[k] if g_hp.get("normalize_grads") else clip_(grads[k], g_hp["max_grad_norm"])
+            for p, g, st, lay in zip(refs[k], gs, states[k], layouts):
+                updated.append(kron_step(
+                    p, g, st, draw, **lay, lr=g_hp["lr"], beta1=g_hp["betas"][0], weight_decay=g_hp["weight_decay"],
+                    normalize_grads=g_hp.get("normalize_grads", False), precond_lr=g_hp["precond_lr"],
+                    p_min=g_hp["precond_update_prob_min"], flat_start=g_hp["precond_update_flat_start"],
+                    init_scale=g_hp["init_scale"]))
+    return params, refs, updated
+
+
+def test_kron_matches_reference():
+    group_a = ([(8, 8), (6, 10), (5,), (4, 20)],
+               [dict(merged=(8, 8), block_shape=(4, 4), diagonal=(False, False)),
+                dict(merged=(6, 10), block_shape=(4, 4), diagonal=(False, False)),  # padded blocks
+                dict(merged=(5,), block_shape=(5,), diagonal=(True,)),  # 1-D: diagonal, not split
+                dict(merged=(4, 20), block_shape=(4, 20), diagonal=(False, True))],  # 20 > max_size_triangular
+               dict(lr=0.01, merge_dims_target=0))
+    group_b = ([(2, 3, 4), (12, 4)],
+               [dict(merged=(6, 4), block_shape=(4, 4), diagonal=(False, False)),  # merged (2·3, 4)
+                dict(merged=(12, 4), block_shape=(4, 4), diagonal=(False, False))],
+               dict(lr=0.003, merge_dims_target=6, normalize_grads=True))
+    params, refs, updated = run_kron([group_a, group_b], steps=7, grad_seed=21)
+    # flat start 3: steps 1–3 update; then p = e^(−0.001·(t−3)) < 1 makes every other step wait once
+    per_step = [updated[6 * s] for s in range(7)]
+    assert per_step == [True, True, True, False, True, False, True]
+    for ps, rs in zip(params, refs):
+        for p, r in zip(ps, rs):
+            assert_close(p.detach(), r, rtol=1e-4, atol=1e-5)
+
+
+def test_kron_rebalances_after_100_updates_like_the_reference():
+    group = ([(8, 4), (3,)], [dict(merged=(8, 4), block_shape=(4, 4), diagonal=(False, False)),
+                              dict(merged=(3,), block_shape=(3,), diagonal=(True,))], dict(lr=0.003))
+    hp = dict(KRON_HP, precond_update_flat_start=10_000, merge_dims_target=0)
+    params, refs, updated = run_kron([group], steps=103, grad_seed=22, hp=hp)
+    assert all(updated)
+    for p, r in zip(params[0], refs[0]):
+        assert_close(p.detach(), r, rtol=1e-3, atol=1e-4)
+
+
+def test_kron_update_schedule_follows_the_counter_rule():
+    def update_steps(flat_start, p_min, steps):
+        params = random_params([(4, 4)], 23)
+        opt = fastoptim.Kron(params, block_size=4, precond_update_flat_start=flat_start,
+                             precond_update_prob_min=p_min, merge_dims_target=0)
+        gen, out = torch.Generator().manual_seed(24), []
+        for t in range(1, steps + 1):
+            set_grads(params, random_grads(params, gen))
+            state = opt.state.get(params[0])
+            before = state["Q0"].clone() if state else torch.eye(4)[None]  # the factor starts at init_scale·I
+            opt.step()
+            if not torch.equal(before, opt.state[params[0]]["Q0"]):
+                out.append(t)
+        return out
+
+    # p = p_min = 0.5 throughout (t − flat_start ≫ 1000): the counter reaches 1/p = 2 on every second step
+    assert update_steps(-5000, 0.5, 9) == [2, 4, 6, 8]
+    # p_min = 0.25: every fourth step
+    assert update_steps(-5000, 0.25, 12) == [4, 8, 12]
+    # flat start 4: p = 1 through t = 4, then p slightly below 1 needs a second count each time
+    assert update_steps(4, 0.1, 9) == [1, 2, 3, 4, 6, 8]
+
+
+def test_kron_state_dict_round_trip_continues_identically():
+    make = lambda ps: fastoptim.Kron([{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-4, "normalize_grads": True}],
+                                     block_size=4, merge_dims_target=0, precond_update_flat_start=2,
+                                     precond_update_prob_min=0.3, seed=3)
+    params = random_params([(8, 6), (6,), (5, 4), (3, 2, 2)], 25)
+    straight, resumed = run_and_resume(make, [params], steps=4, seed=26)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def test_kron_zero_gradient_gives_finite_zero_update():
+    params = random_params([(8, 6), (5,)], 27)
+    before = [p.detach().clone() for p in params]
+    opt = fastoptim.Kron(params, weight_decay=0.0, block_size=4)
+    for _ in range(3):
+        set_grads(params, [torch.zeros_like(p) for p in params])
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_kron_tiny_llama_loss_falls():
+    losses = train_tiny(lambda m: fastoptim.Kron(m, lr=0.03, block_size=16, weight_decay=0.0, normalize_grads=True))
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.6 * losses[0]
+
+
+def test_kron_load_rejects_a_foreign_state_dict():
+    params = random_params([(4, 4)], 28)
+    other = fastoptim.Soap(params)
+    with pytest.raises(ValueError, match="kron"):
+        fastoptim.Kron(params).load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(precond_update_prob_min=0.0), "precond_update_prob_min"), (dict(block_size=0), "block_size"),
+    (dict(normalize_grads=1), "normalize_grads"), (dict(precond_lr=-0.1), "precond_lr"),
+    (dict(betas=(1.2, 0.0)), "betas"), (dict(seed=1.5), "seed"), (dict(max_size_triangular=0), "max_size_triangular"),
+])
+def test_kron_rejects_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastoptim.Kron(random_params([(4, 4)], 0), **kwargs)

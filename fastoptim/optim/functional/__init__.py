@@ -21,6 +21,7 @@ from collections.abc import Callable
 from fastoptim.optim.functional.adam import adam_, mars_correction
 from fastoptim.optim.functional.adam_mini import adam_mini_
 from fastoptim.optim.functional.common import apply_update_
+from fastoptim.optim.functional.kron import kron_balance_, kron_precondition, kron_update_preconditioner_
 from fastoptim.optim.functional.lion import lion_
 from fastoptim.optim.functional.momentum import momentum_, signum_
 from fastoptim.optim.functional.newton_schulz import newton_schulz
@@ -40,6 +41,9 @@ PURE: dict[str, Callable] = {
     "newton_schulz": newton_schulz,
     "soap_init": soap_init_,
     "soap_step": soap_step_,
+    "kron_update_preconditioner": kron_update_preconditioner_,
+    "kron_precondition": kron_precondition,
+    "kron_balance": kron_balance_,
 }
 
 # family -> (native core, supports(tensors) -> bool)
