@@ -14,6 +14,15 @@ from reference_matrix import adamw_step, clip_, muon_matrix_step, ns_reference, 
 # ---------------------------------------------------------------- shared helpers
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: on a shared 2-core machine, intra-op threads only add contention (10–20× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_params(shapes, seed):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
