@@ -23,9 +23,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def random_params(shapes, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+def random_params(shapes, gen, device="cpu"):
+    return [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
 
 
 def random_grads(params, gen, scale=1.0):
@@ -34,11 +33,11 @@ def random_grads(params, gen, scale=1.0):
 
 def set_grads(params, grads):
     for p, g in zip(params, grads):
-        p.grad = g.clone()
+        p.grad = g.to(p.device, copy=True)
 
 
 def assert_close(actual, expected, rtol, atol):
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol)
 
 
 class Attention(nn.Module):
@@ -108,9 +107,8 @@ def train_tiny(make_optimizer, steps=40, seed=0):
     return losses
 
 
-def run_and_resume(make, params_of, steps, seed):
+def run_and_resume(make, params_of, steps, gen):
     """Run 2·steps in one go, and steps + state_dict round trip + steps; return both final parameter lists."""
-    gen = torch.Generator().manual_seed(seed)
     grads = [random_grads(params_of[0], gen) for _ in range(2 * steps)]
     straight = [p.detach().clone().requires_grad_() for p in params_of[0]]
     opt = make(straight)
@@ -139,14 +137,13 @@ NS_SHAPES = [(1, 16, 16), (3, 24, 8), (2, 8, 24), (5, 7, 13), (1, 40, 40)]
 
 @pytest.mark.parametrize("shape", NS_SHAPES)
 @pytest.mark.parametrize("steps", [5, 10])
-def test_newton_schulz_matches_float64_reference(shape, steps):
+def test_newton_schulz_matches_float64_reference(shape, steps, rng):
     # Singular values kept away from 0: there the iteration's slope (3.4445 per step) amplifies float32 rounding
     # beyond any fixed tolerance, for the library and any other float32 implementation alike.
-    gen = torch.Generator().manual_seed(sum(shape) * steps)
     n, m, k = shape
-    u, _ = torch.linalg.qr(torch.randn(n, m, min(m, k), generator=gen))
-    v, _ = torch.linalg.qr(torch.randn(n, k, min(m, k), generator=gen))
-    s = 0.05 + torch.rand(n, min(m, k), generator=gen)
+    u, _ = torch.linalg.qr(torch.randn(n, m, min(m, k), generator=rng))
+    v, _ = torch.linalg.qr(torch.randn(n, k, min(m, k), generator=rng))
+    s = 0.05 + torch.rand(n, min(m, k), generator=rng)
     x = (u * s[:, None, :]) @ v.mT * 3.0
     out = newton_schulz(x, steps, 1e-7)
     expected = torch.stack([ns_reference(m, steps, 1e-7) for m in x])
@@ -163,13 +160,13 @@ def _quintic_band():
     return x.min().item(), x.max().item()
 
 
-def test_newton_schulz_singular_values_reach_the_quintic_band():
+def test_newton_schulz_singular_values_reach_the_quintic_band(rng):
     lo, hi = _quintic_band()
     assert 0.6 < lo < 0.7 and 1.1 < hi < 1.2  # the known ~[0.68, 1.13]
     # 10 steps bring any full-rank matrix into the band; 5 steps suffice for well-conditioned rectangular ones.
     for steps, shapes in ((10, [(4, 64, 64), (2, 20, 50)]), (5, [(3, 32, 128), (3, 128, 32)])):
         for shape in shapes:
-            x = torch.randn(shape, generator=torch.Generator().manual_seed(steps))
+            x = torch.randn(shape, generator=rng)
             singular = torch.linalg.svdvals(newton_schulz(x, steps, 1e-7).double())
             assert singular.min() >= lo - 1e-3 and singular.max() <= hi + 1e-3, (steps, shape)
 
@@ -190,8 +187,8 @@ MATRIX_SHAPES = [(24, 8), (8, 24), (16, 16), (8, 4, 3), (16, 16)]  # tall, wide,
 VECTOR_SHAPES = [(16,), (24,)]
 
 
-def _split_setup(seed):
-    params = random_params(MATRIX_SHAPES + VECTOR_SHAPES, seed)
+def _split_setup(gen, device):
+    params = random_params(MATRIX_SHAPES + VECTOR_SHAPES, gen, device)
     matrices, vectors = params[:3], params[5:]
     others = params[3:5]
     return params, matrices, others, vectors
@@ -199,8 +196,8 @@ def _split_setup(seed):
 
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("scale", ["spectral", "moonlight"])
-def test_muon_matches_reference(nesterov, scale):
-    params, matrices, others, vectors = _split_setup(seed=1)
+def test_muon_matches_reference(nesterov, scale, rng, device):
+    params, matrices, others, vectors = _split_setup(rng, device)
     groups = [
         {"params": matrices},  # routed to the muon branch (≥ 2 dims)
         {"params": others, "lr": 0.01, "momentum": 0.8, "ns_steps": 10},
@@ -211,11 +208,10 @@ def test_muon_matches_reference(nesterov, scale):
     opt = fastoptim.Muon(groups, **hp)
     assert [g["branch"] for g in opt.param_groups] == ["muon", "muon", "adamw"]
 
-    ref = [p.detach().double().clone() for p in params]
+    ref = [p.detach().double().cpu() for p in params]
     states = [{} for _ in params]
-    gen = torch.Generator().manual_seed(2)
     for _ in range(4):
-        grads = random_grads(params, gen)
+        grads = random_grads(params, rng)
         set_grads(params, grads)
         opt.step()
         for i in range(5):
@@ -229,17 +225,16 @@ def test_muon_matches_reference(nesterov, scale):
         assert_close(p.detach(), r, rtol=1e-5, atol=1e-5)
 
 
-def test_scion_matches_reference():
-    params, matrices, others, vectors = _split_setup(seed=3)
+def test_scion_matches_reference(rng, device):
+    params, matrices, others, vectors = _split_setup(rng, device)
     groups = [{"params": matrices}, {"params": others, "lr": 0.005, "ns_steps": 5}, {"params": vectors}]
     opt = fastoptim.Scion(groups, lr=0.02, momentum=0.9, ns_steps=10, scion_eps=1e-7, betas=(0.9, 0.98),
                           weight_decay=0.1, max_grad_norm=0.5, signum_lr_ratio=0.1)
     assert [g["branch"] for g in opt.param_groups] == ["scion", "scion", "signum"]
-    ref = [p.detach().double().clone() for p in params]
+    ref = [p.detach().double().cpu() for p in params]
     states = [{} for _ in params]
-    gen = torch.Generator().manual_seed(4)
     for _ in range(4):
-        grads = random_grads(params, gen)
+        grads = random_grads(params, rng)
         set_grads(params, grads)
         opt.step()
         for i in range(5):
@@ -254,19 +249,19 @@ def test_scion_matches_reference():
 
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("scale, adjust_lr_fn", [("spectral", None), ("moonlight", "match_rms_adamw")])
-def test_muon_agrees_with_torch_muon(nesterov, scale, adjust_lr_fn):
+def test_muon_agrees_with_torch_muon(nesterov, scale, adjust_lr_fn, rng):
     """torch.optim.Muon keeps an EMA buffer (ours is undampened: the same direction up to a factor NS removes)
     and iterates in bf16, so the agreement is to bf16 accuracy."""
     shapes = [(32, 16), (16, 48), (24, 24)]
-    ours, theirs = random_params(shapes, 5), random_params(shapes, 5)
+    ours = random_params(shapes, rng)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
     opt = fastoptim.Muon([{"params": ours}], lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1,
                          scale=scale, muon_eps=1e-7)
     peer = torch.optim.Muon(theirs, lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1,
                             adjust_lr_fn=adjust_lr_fn, eps=1e-7)
     start = [p.detach().clone() for p in ours]
-    gen = torch.Generator().manual_seed(6)
     for _ in range(3):
-        grads = random_grads(ours, gen)
+        grads = random_grads(ours, rng)
         set_grads(ours, grads)
         set_grads(theirs, grads)
         opt.step()
@@ -306,15 +301,15 @@ def test_tiny_llama_loss_falls(make):
     lambda ps: fastoptim.Muon([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.01}], max_grad_norm=0.5),
     lambda ps: fastoptim.Scion([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.01}], max_grad_norm=0.5),
 ], ids=["muon", "scion"])
-def test_state_dict_round_trip_continues_identically(make):
-    params = random_params([(12, 8), (8, 4, 2), (12,), (5,)], seed=7)
-    straight, resumed = run_and_resume(make, [params], steps=3, seed=8)
+def test_state_dict_round_trip_continues_identically(make, rng):
+    params = random_params([(12, 8), (8, 4, 2), (12,), (5,)], rng)
+    straight, resumed = run_and_resume(make, [params], steps=3, gen=rng)
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
 
 
-def test_zero_gradient_gives_finite_zero_update():
-    params = random_params([(8, 6), (6,)], seed=9)
+def test_zero_gradient_gives_finite_zero_update(rng):
+    params = random_params([(8, 6), (6,)], rng)
     before = [p.detach().clone() for p in params]
     for cls in (fastoptim.Muon, fastoptim.Scion):
         opt = cls(params, weight_decay=0.0)
@@ -329,14 +324,14 @@ def test_zero_gradient_gives_finite_zero_update():
     (dict(betas=(1.0, 0.9)), "betas"), (dict(ns_steps=-1), "ns_steps"), (dict(scale="kimi"), "scale"),
     (dict(muon_eps=-1e-7), "muon_eps"), (dict(max_grad_norm=-1.0), "max_grad_norm"),
 ])
-def test_muon_rejects_bad_hyperparameters(kwargs, match):
+def test_muon_rejects_bad_hyperparameters(kwargs, match, rng):
     with pytest.raises(ValueError, match=match):
-        fastoptim.Muon(random_params([(4, 4)], 0), **kwargs)
+        fastoptim.Muon(random_params([(4, 4)], rng), **kwargs)
 
 
-def test_unknown_option_is_named():
+def test_unknown_option_is_named(rng):
     with pytest.raises(ValueError, match="signum_lr_ratio"):
-        fastoptim.Muon([{"params": random_params([(4, 4)], 0), "signum_lr_ratio": 0.1}])
+        fastoptim.Muon([{"params": random_params([(4, 4)], rng), "signum_lr_ratio": 0.1}])
     with pytest.raises(ValueError, match="nesterov"):
         fastoptim.build_optimizer("scion", TinyLlama(n_layers=1), {"nesterov": True})
 
@@ -356,8 +351,8 @@ def _assert_untouched_on_error(opt, params, match):
 
 
 @pytest.mark.parametrize("cls", [fastoptim.Muon, fastoptim.Scion])
-def test_bad_gradients_leave_parameters_and_state_untouched(cls):
-    params = random_params([(6, 4), (6,)], seed=10)
+def test_bad_gradients_leave_parameters_and_state_untouched(cls, rng):
+    params = random_params([(6, 4), (6,)], rng)
     opt = cls(params)
     set_grads(params, [torch.randn(p.shape) for p in params])
     opt.step()
@@ -377,8 +372,8 @@ def test_complex_parameters_are_rejected(cls):
     _assert_untouched_on_error(opt, params, "complex")
 
 
-def test_vector_forced_into_the_matrix_branch_is_an_error():
-    params = random_params([(6,)], seed=11)
+def test_vector_forced_into_the_matrix_branch_is_an_error(rng):
+    params = random_params([(6,)], rng)
     opt = fastoptim.Muon([{"params": params, "branch": "muon"}])
     params[0].grad = torch.randn(6)
     _assert_untouched_on_error(opt, params, "needs ≥ 2 dims")
@@ -386,26 +381,30 @@ def test_vector_forced_into_the_matrix_branch_is_an_error():
 
 # ---------------------------------------------------------------- Soap
 
-def structured_grads(shape, steps, rank, gen):
-    """Gradients G_t = H_t ×_i U_i with fixed per-axis factors U_i (d_i × rank): every block's statistics have the
-    same fixed column spaces from the first step on. Soap's eigenbasis is only defined up to a rotation within a
-    null space of the first step's statistics; these gradients never enter it, so the result does not depend on
-    that arbitrary choice (random full-rank gradients on padded or rectangular blocks would)."""
-    factors = [torch.randn(d, min(d, rank), generator=gen) for d in shape]
+def structured_grads(shape, steps, gen):
+    """Rank-1 gradients G_t = h_t·(u_1 ⊗ u_2 ⊗ …) with fixed u_i. Soap's eigenbasis is only defined up to a
+    rotation within the null space of the first step's statistics, which every padded or non-square block has;
+    these gradients never enter it, so the result does not depend on that arbitrary choice (random full-rank
+    gradients would, in Levanter as here), and the one signal eigenvalue per axis is well separated from the rest.
+    The full-rank case is covered on full square blocks."""
+    def bounded(*size):  # entries of magnitude in [0.5, 1.5]: no block's statistics nearly vanish
+        return (0.5 + torch.rand(size, generator=gen)) * torch.randint(0, 2, size, generator=gen).mul(2).sub(1)
+
+    factors = [bounded(d, 1) for d in shape]
     out = []
     for _ in range(steps):
-        g = torch.randn([u.shape[1] for u in factors], generator=gen)
+        g = bounded(*[u.shape[1] for u in factors])
         for axis, u in enumerate(factors):
             g = torch.tensordot(u, g, dims=([1], [axis])).movedim(0, axis)
         out.append(g)
     return out
 
 
-def run_soap(shapes, grads_per_step, refs, hp, ref_hp):
+def run_soap(shapes, grads_per_step, refs, hp, ref_hp, gen, device):
     from reference_matrix import soap_step
-    params = random_params(shapes, 12)
+    params = random_params(shapes, gen, device)
     opt = fastoptim.Soap(params, **hp)
-    ref = [p.detach().double().clone() for p in params]
+    ref = [p.detach().double().cpu() for p in params]
     states = [{} for _ in params]
     for grads in grads_per_step:
         set_grads(params, grads)
@@ -420,7 +419,7 @@ SOAP_HP = dict(lr=0.01, betas=(0.9, 0.95), shampoo_beta=0.9, weight_decay=0.1, p
 SOAP_REF_HP = dict(lr=0.01, betas=(0.9, 0.95), shampoo_beta=0.9, weight_decay=0.1, freq=3)
 
 
-def test_soap_matches_reference_on_full_blocks():
+def test_soap_matches_reference_on_full_blocks(rng, device):
     # square, tall and wide matrices cut into full 4×4 blocks, a 3-D tensor, and a dim ≥ max_precond_dim
     shapes = [(8, 8), (8, 4), (4, 12), (4, 2, 2), (4, 20)]
     refs = [dict(merged=(8, 8), block_shape=(4, 4), rotate=(True, True)),
@@ -428,15 +427,14 @@ def test_soap_matches_reference_on_full_blocks():
             dict(merged=(4, 12), block_shape=(4, 4), rotate=(True, True)),
             dict(merged=(4, 2, 2), block_shape=(4, 2, 2), rotate=(True, True, True)),
             dict(merged=(4, 20), block_shape=(4, 20), rotate=(True, False))]
-    gen = torch.Generator().manual_seed(13)
-    steps = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(7)]
+    steps = [[torch.randn(s, generator=rng) for s in shapes] for _ in range(7)]
     params, ref = run_soap(shapes, steps, refs, dict(SOAP_HP, eps=1e-8, merge_dims_target=0),
-                           dict(SOAP_REF_HP, eps=1e-8))
+                           dict(SOAP_REF_HP, eps=1e-8), rng, device)
     for p, r in zip(params, ref):
         assert_close(p.detach(), r, rtol=1e-4, atol=1e-5)
 
 
-def test_soap_matches_reference_on_padded_and_merged_blocks():
+def test_soap_matches_reference_on_padded_and_merged_blocks(rng, device):
     from fastoptim.optim.functional.blocks import merge_groups
     assert merge_groups((2, 3, 4), 6) == [[0, 1], [2]]  # costs: (6, 4) 0.58 < (2, 3, 4) 3.17 < (2, 12) < (24)
     shapes = [(6, 10), (6,), (3,), (2, 3, 4)]  # dims not multiples of 4; 1-D; merged to (6, 4)
@@ -444,19 +442,18 @@ def test_soap_matches_reference_on_padded_and_merged_blocks():
             dict(merged=(6,), block_shape=(4,), rotate=(True,)),
             dict(merged=(3,), block_shape=(3,), rotate=(True,)),
             dict(merged=(6, 4), block_shape=(4, 4), rotate=(True, True))]
-    gen = torch.Generator().manual_seed(14)
-    per_param = [[g.reshape(s) for g in structured_grads(r["merged"], 7, rank=1 if len(s) == 1 else 2, gen=gen)]
-                 for s, r in zip(shapes, refs)]  # structured in the merged shape, where the statistics live
+    per_param = [[g.reshape(s) for g in structured_grads(r["merged"], 7, rng)]  # in the merged shape, where the
+                 for s, r in zip(shapes, refs)]                                  # statistics live
     steps = [list(gs) for gs in zip(*per_param)]
     # eps well above float32 rounding of the (empty) null-space components, which it divides
     params, ref = run_soap(shapes, steps, refs, dict(SOAP_HP, eps=1e-3, merge_dims_target=6),
-                           dict(SOAP_REF_HP, eps=1e-3))
+                           dict(SOAP_REF_HP, eps=1e-3), rng, device)
     for p, r in zip(params, ref):
         assert_close(p.detach(), r, rtol=1e-4, atol=2e-5)
 
 
-def test_soap_first_step_only_initialises():
-    params = random_params([(8, 6), (5,)], 15)
+def test_soap_first_step_only_initialises(rng):
+    params = random_params([(8, 6), (5,)], rng)
     before = [p.detach().clone() for p in params]
     opt = fastoptim.Soap(params, lr=0.1, weight_decay=0.0, block_size=4, merge_dims_target=0)
     set_grads(params, [torch.randn(p.shape) for p in params])
@@ -476,8 +473,8 @@ def test_soap_first_step_only_initialises():
         torch.testing.assert_close(p.detach(), b * (1 - 0.05), rtol=1e-6, atol=0)
 
 
-def test_soap_zero_gradient_gives_finite_zero_update():
-    params = random_params([(8, 6), (5,)], 16)
+def test_soap_zero_gradient_gives_finite_zero_update(rng):
+    params = random_params([(8, 6), (5,)], rng)
     before = [p.detach().clone() for p in params]
     opt = fastoptim.Soap(params, weight_decay=0.0, block_size=4)
     for _ in range(4):
@@ -487,11 +484,11 @@ def test_soap_zero_gradient_gives_finite_zero_update():
         assert torch.equal(p.detach(), b)
 
 
-def test_soap_state_dict_round_trip_and_groups():
+def test_soap_state_dict_round_trip_and_groups(rng):
     make = lambda ps: fastoptim.Soap([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.002, "block_size": 3}],
                                      block_size=4, precondition_frequency=2, merge_dims_target=0)
-    params = random_params([(8, 6), (6, 8), (7,), (5, 4)], 17)
-    straight, resumed = run_and_resume(make, [params], steps=3, seed=18)
+    params = random_params([(8, 6), (6, 8), (7,), (5, 4)], rng)
+    straight, resumed = run_and_resume(make, [params], steps=3, gen=rng)
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
 
@@ -506,9 +503,9 @@ def test_soap_tiny_llama_loss_falls():
     (dict(precondition_frequency=0), "precondition_frequency"), (dict(merge_dims_target=-1), "merge_dims_target"),
     (dict(betas=(0.9, 1.0)), "betas"), (dict(lr=float("inf")), "lr"),
 ])
-def test_soap_rejects_bad_hyperparameters(kwargs, match):
+def test_soap_rejects_bad_hyperparameters(kwargs, match, rng):
     with pytest.raises(ValueError, match=match):
-        fastoptim.Soap(random_params([(4, 4)], 0), **kwargs)
+        fastoptim.Soap(random_params([(4, 4)], rng), **kwargs)
 
 
 # ---------------------------------------------------------------- Kron
@@ -517,15 +514,16 @@ KRON_HP = dict(betas=(0.9, 0.0), weight_decay=0.1, block_size=4, precond_lr=0.2,
                precond_update_flat_start=3, init_scale=1.0, max_size_triangular=16, max_grad_norm=2.0)
 
 
-def run_kron(groups_spec, steps, grad_seed, hp=KRON_HP):
+def run_kron(groups_spec, steps, gen, hp=KRON_HP, device="cpu"):
     """groups_spec: list of (shapes, refs, group options); the library and the float64 reference side by side."""
     from reference_matrix import kron_step
-    params = [random_params(shapes, 20 + k) for k, (shapes, _, _) in enumerate(groups_spec)]
-    opt = fastoptim.Kron([dict(params=ps, **opts) for ps, (_, _, opts) in zip(params, groups_spec)], **hp, seed=5)
-    refs = [[p.detach().double().clone() for p in ps] for ps in params]
+    params = [random_params(shapes, gen, device) for shapes, _, _ in groups_spec]
+    seed = int(torch.randint(2**31, (), generator=gen))
+    opt = fastoptim.Kron([dict(params=ps, **opts) for ps, (_, _, opts) in zip(params, groups_spec)], **hp, seed=seed)
+    refs = [[p.detach().double().cpu() for p in ps] for ps in params]
     states = [[{} for _ in ps] for ps in params]
-    gen, noise_gen = torch.Generator().manual_seed(grad_seed), torch.Generator().manual_seed(5)
-    draw = lambda shape: torch.randn(shape, generator=noise_gen).double()  # the library's draw order
+    noise_gen = torch.Generator(device).manual_seed(seed)  # the library's generator and draw order
+    draw = lambda shape: torch.randn(shape, generator=noise_gen, device=device).double().cpu()
     updated = []
     for _ in range(steps):
         grads = [random_grads(ps, gen) for ps in params]
@@ -544,7 +542,7 @@ def run_kron(groups_spec, steps, grad_seed, hp=KRON_HP):
     return params, refs, updated
 
 
-def test_kron_matches_reference():
+def test_kron_matches_reference(rng, device):
     group_a = ([(8, 8), (6, 10), (5,), (4, 20)],
                [dict(merged=(8, 8), block_shape=(4, 4), diagonal=(False, False)),
                 dict(merged=(6, 10), block_shape=(4, 4), diagonal=(False, False)),  # padded blocks
@@ -555,7 +553,7 @@ def test_kron_matches_reference():
                [dict(merged=(6, 4), block_shape=(4, 4), diagonal=(False, False)),  # merged (2·3, 4)
                 dict(merged=(12, 4), block_shape=(4, 4), diagonal=(False, False))],
                dict(lr=0.003, merge_dims_target=6, normalize_grads=True))
-    params, refs, updated = run_kron([group_a, group_b], steps=7, grad_seed=21)
+    params, refs, updated = run_kron([group_a, group_b], steps=7, gen=rng, device=device)
     # flat start 3: steps 1–3 update; then p = e^(−0.001·(t−3)) < 1 makes every other step wait once
     per_step = [updated[6 * s] for s in range(7)]
     assert per_step == [True, True, True, False, True, False, True]
@@ -564,22 +562,22 @@ def test_kron_matches_reference():
             assert_close(p.detach(), r, rtol=1e-4, atol=1e-5)
 
 
-def test_kron_rebalances_after_100_updates_like_the_reference():
+def test_kron_rebalances_after_100_updates_like_the_reference(rng):
     group = ([(8, 4), (3,)], [dict(merged=(8, 4), block_shape=(4, 4), diagonal=(False, False)),
                               dict(merged=(3,), block_shape=(3,), diagonal=(True,))], dict(lr=0.003))
     hp = dict(KRON_HP, precond_update_flat_start=10_000, merge_dims_target=0)
-    params, refs, updated = run_kron([group], steps=103, grad_seed=22, hp=hp)
+    params, refs, updated = run_kron([group], steps=103, gen=rng, hp=hp)
     assert all(updated)
     for p, r in zip(params[0], refs[0]):
         assert_close(p.detach(), r, rtol=1e-3, atol=1e-4)
 
 
-def test_kron_update_schedule_follows_the_counter_rule():
+def test_kron_update_schedule_follows_the_counter_rule(rng):
     def update_steps(flat_start, p_min, steps):
-        params = random_params([(4, 4)], 23)
+        params = random_params([(4, 4)], rng)
         opt = fastoptim.Kron(params, block_size=4, precond_update_flat_start=flat_start,
                              precond_update_prob_min=p_min, merge_dims_target=0)
-        gen, out = torch.Generator().manual_seed(24), []
+        gen, out = rng, []
         for t in range(1, steps + 1):
             set_grads(params, random_grads(params, gen))
             state = opt.state.get(params[0])
@@ -597,18 +595,18 @@ def test_kron_update_schedule_follows_the_counter_rule():
     assert update_steps(4, 0.1, 9) == [1, 2, 3, 4, 6, 8]
 
 
-def test_kron_state_dict_round_trip_continues_identically():
+def test_kron_state_dict_round_trip_continues_identically(rng):
     make = lambda ps: fastoptim.Kron([{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-4, "normalize_grads": True}],
                                      block_size=4, merge_dims_target=0, precond_update_flat_start=2,
                                      precond_update_prob_min=0.3, seed=3)
-    params = random_params([(8, 6), (6,), (5, 4), (3, 2, 2)], 25)
-    straight, resumed = run_and_resume(make, [params], steps=4, seed=26)
+    params = random_params([(8, 6), (6,), (5, 4), (3, 2, 2)], rng)
+    straight, resumed = run_and_resume(make, [params], steps=4, gen=rng)
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
 
 
-def test_kron_zero_gradient_gives_finite_zero_update():
-    params = random_params([(8, 6), (5,)], 27)
+def test_kron_zero_gradient_gives_finite_zero_update(rng):
+    params = random_params([(8, 6), (5,)], rng)
     before = [p.detach().clone() for p in params]
     opt = fastoptim.Kron(params, weight_decay=0.0, block_size=4)
     for _ in range(3):
@@ -623,8 +621,8 @@ def test_kron_tiny_llama_loss_falls():
     assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.6 * losses[0]
 
 
-def test_kron_load_rejects_a_foreign_state_dict():
-    params = random_params([(4, 4)], 28)
+def test_kron_load_rejects_a_foreign_state_dict(rng):
+    params = random_params([(4, 4)], rng)
     other = fastoptim.Soap(params)
     with pytest.raises(ValueError, match="kron"):
         fastoptim.Kron(params).load_state_dict(other.state_dict())
@@ -635,6 +633,52 @@ def test_kron_load_rejects_a_foreign_state_dict():
     (dict(normalize_grads=1), "normalize_grads"), (dict(precond_lr=-0.1), "precond_lr"),
     (dict(betas=(1.2, 0.0)), "betas"), (dict(seed=1.5), "seed"), (dict(max_size_triangular=0), "max_size_triangular"),
 ])
-def test_kron_rejects_bad_hyperparameters(kwargs, match):
+def test_kron_rejects_bad_hyperparameters(kwargs, match, rng):
     with pytest.raises(ValueError, match=match):
-        fastoptim.Kron(random_params([(4, 4)], 0), **kwargs)
+        fastoptim.Kron(random_params([(4, 4)], rng), **kwargs)
+
+
+# ---------------------------------------------------------------- construction by name, schedulers, dtypes
+
+@pytest.mark.parametrize("name, hparams, expected", [
+    ("muon", dict(lr=0.016, beta1=0.8, beta2=0.98, momentum=0.95, adam_lr_ratio=0.2, muon_eps=1e-5, ns_steps=10),
+     dict(betas=(0.8, 0.98), ns_steps=10)),
+    ("scion", dict(lr=0.008, beta1=0.98, signum_lr_ratio=0.1, scion_eps=1e-5), dict(betas=(0.98, 0.98))),
+    ("soap", dict(lr=0.008, beta1=0.95, beta2=0.99, shampoo_beta=0.98, block_size=512, precondition_frequency=10),
+     dict(betas=(0.95, 0.99), block_size=512)),
+    ("kron", dict(lr=1e-3, beta1=0.95, normalize_grads=True, precond_lr=0.2, precond_update_flat_start=2000),
+     dict(betas=(0.95, 0.0), normalize_grads=True)),
+])
+def test_build_optimizer_takes_the_flat_benchmark_keys(name, hparams, expected):
+    opt = fastoptim.build_optimizer(name, TinyLlama(n_layers=1), hparams)
+    for group in opt.param_groups:
+        for key, value in expected.items():
+            assert group[key] == value
+
+
+@pytest.mark.parametrize("cls", [fastoptim.Muon, fastoptim.Scion, fastoptim.Soap, fastoptim.Kron])
+def test_lr_scheduler_drives_the_step(cls, rng):
+    params = random_params([(8, 4), (4,)], rng)
+    opt = cls(params, lr=0.1, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)  # lr 0: no update, no decay
+    before = [p.detach().clone() for p in params]
+    for _ in range(2):
+        set_grads(params, random_grads(params, rng))
+        opt.step()
+        scheduler.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_kron_factors_stay_float32_for_bf16_parameters_across_a_round_trip(rng):
+    params = [p.detach().bfloat16().requires_grad_() for p in random_params([(8, 4)], rng)]
+    opt = fastoptim.Kron(params, block_size=4, merge_dims_target=0)
+    set_grads(params, [g.bfloat16() for g in random_grads(params, rng)])
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    again = fastoptim.Kron(params, block_size=4, merge_dims_target=0)
+    again.load_state_dict(saved)
+    q = again.state[params[0]]["Q0"]
+    assert q.dtype == torch.float32 and torch.equal(q, saved["state"][0]["Q0"])
+    set_grads(params, [g.bfloat16() for g in random_grads(params, rng)])
+    again.step()

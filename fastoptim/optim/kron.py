@@ -170,6 +170,12 @@ class Kron(BaseOptimizer):
             raise ValueError("state_dict: missing 'kron' (the step, counters and generators of a Kron optimizer)")
         extra = state_dict["kron"]
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kron"})
+        # torch casts loaded state to the parameter's dtype; the factors stay float32 (a bf16 model keeps them exact)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for saved_id, param in zip(saved_group["params"], group["params"]):
+                for key, value in state_dict["state"].get(saved_id, {}).items():
+                    if key.startswith("Q"):
+                        self.state[param][key] = value.to(device=param.device, dtype=torch.float32, copy=True)
         self.schedule = {k: int(extra[k]) for k in ("step", "update_counter", "balance_counter")}
         self.seed = int(extra["seed"])
         self.generators = {}
