@@ -18,7 +18,6 @@ from fastoptim.optim.base import (
     GroupWork,
     check_beta,
     check_nonnegative,
-    check_positive_int,
     decay_of,
 )
 
@@ -54,7 +53,6 @@ class _OrthogonalizedMomentum(BaseOptimizer):
     matrix_branch: str
     elementwise_branch: str
     eps_key: str  # the option name of the Newton–Schulz eps ("muon_eps" / "scion_eps")
-    ratio_key: str  # the option name of the elementwise branch's lr ratio
     ema: bool  # Scion's EMA momentum instead of Muon's undampened one
 
     def branch_of(self, kind: str) -> str:
@@ -143,7 +141,7 @@ class Muon(_OrthogonalizedMomentum):
     """
 
     matrix_branch, elementwise_branch = "muon", "adamw"
-    eps_key, ratio_key, ema = "muon_eps", "adam_lr_ratio", False
+    eps_key, ema = "muon_eps", False
     families = ("momentum", "newton_schulz", "apply_update", "adam")
     clipped_branches = frozenset({"adamw"})
     hparam_rules = {
@@ -200,7 +198,7 @@ class Scion(_OrthogonalizedMomentum):
     """
 
     matrix_branch, elementwise_branch = "scion", "signum"
-    eps_key, ratio_key, ema = "scion_eps", "signum_lr_ratio", True
+    eps_key, ema = "scion_eps", True
     families = ("momentum", "newton_schulz", "apply_update", "signum")
     clipped_branches = frozenset({"signum"})
     hparam_rules = {

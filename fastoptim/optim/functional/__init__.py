@@ -89,4 +89,5 @@ def select(family: str, tensors: list, fused: bool | None) -> Callable:
 
 
 __all__ = ["PURE", "register_fused", "select", "adam_", "mars_correction", "adam_mini_", "apply_update_",
-           "lion_", "momentum_", "signum_", "sophia_", "sophia_hessian_"]
+           "lion_", "momentum_", "signum_", "sophia_", "sophia_hessian_", "newton_schulz", "soap_init_", "soap_step_",
+           "kron_update_preconditioner_", "kron_precondition", "kron_balance_"]
