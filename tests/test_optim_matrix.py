@@ -183,14 +183,14 @@ def test_newton_schulz_rejects_non_batched_input():
 
 # ---------------------------------------------------------------- Muon and Scion
 
-MATRIX_SHAPES = [(24, 8), (8, 24), (16, 16), (8, 4, 3), (16, 16)]  # tall, wide, square, >2-D, a same-shape twin
+# group 1: tall, wide, and two squares (one batched Newton–Schulz call); group 2: >2-D and another square
+MATRIX_SHAPES = [(24, 8), (8, 24), (16, 16), (16, 16), (8, 4, 3), (16, 16)]
 VECTOR_SHAPES = [(16,), (24,)]
 
 
 def _split_setup(gen, device):
     params = random_params(MATRIX_SHAPES + VECTOR_SHAPES, gen, device)
-    matrices, vectors = params[:3], params[5:]
-    others = params[3:5]
+    matrices, others, vectors = params[:4], params[4:6], params[6:]
     return params, matrices, others, vectors
 
 
@@ -214,12 +214,11 @@ def test_muon_matches_reference(nesterov, scale, rng, device):
         grads = random_grads(params, rng)
         set_grads(params, grads)
         opt.step()
-        for i in range(5):
-            g_hp = dict(lr=0.02, momentum=0.95, ns_steps=5) if i < 3 else dict(lr=0.01, momentum=0.8, ns_steps=10)
+        for i in range(6):
+            g_hp = dict(lr=0.02, momentum=0.95, ns_steps=5) if i < 4 else dict(lr=0.01, momentum=0.8, ns_steps=10)
             muon_matrix_step(ref[i], grads[i], states[i], nesterov=nesterov, eps=1e-7, weight_decay=0.1, scale=scale,
                              **g_hp)
-        clipped = clip_([grads[5], grads[6]], 0.5)
-        for i, g in zip((5, 6), clipped):
+        for i, g in zip((6, 7), clip_(grads[6:], 0.5)):
             adamw_step(ref[i], g, states[i], lr=0.02 * 0.3, betas=(0.8, 0.98), eps=1e-8, weight_decay=0.0)
     for p, r in zip(params, ref):
         assert_close(p.detach(), r, rtol=1e-5, atol=1e-5)
@@ -237,11 +236,11 @@ def test_scion_matches_reference(rng, device):
         grads = random_grads(params, rng)
         set_grads(params, grads)
         opt.step()
-        for i in range(5):
-            lr, steps = (0.02, 10) if i < 3 else (0.005, 5)
+        for i in range(6):
+            lr, steps = (0.02, 10) if i < 4 else (0.005, 5)
             muon_matrix_step(ref[i], grads[i], states[i], lr=lr, momentum=0.9, nesterov=False, ns_steps=steps,
                              eps=1e-7, weight_decay=0.1, ema=True)
-        for i, g in zip((5, 6), clip_([grads[5], grads[6]], 0.5)):
+        for i, g in zip((6, 7), clip_(grads[6:], 0.5)):
             signum_step(ref[i], g, states[i], lr=0.002, beta=0.9, weight_decay=0.1)
     for p, r in zip(params, ref):
         assert_close(p.detach(), r, rtol=1e-5, atol=1e-5)
