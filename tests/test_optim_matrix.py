@@ -349,7 +349,10 @@ def _assert_untouched_on_error(opt, params, match):
             assert torch.equal(value, state_before[k][key])
 
 
-@pytest.mark.parametrize("cls", [fastoptim.Muon, fastoptim.Scion])
+ALL = [fastoptim.Muon, fastoptim.Scion, fastoptim.Soap, fastoptim.Kron]
+
+
+@pytest.mark.parametrize("cls", ALL)
 def test_bad_gradients_leave_parameters_and_state_untouched(cls, rng):
     params = random_params([(6, 4), (6,)], rng)
     opt = cls(params)
@@ -363,7 +366,7 @@ def test_bad_gradients_leave_parameters_and_state_untouched(cls, rng):
     _assert_untouched_on_error(opt, params, "state")
 
 
-@pytest.mark.parametrize("cls", [fastoptim.Muon, fastoptim.Scion])
+@pytest.mark.parametrize("cls", ALL)
 def test_complex_parameters_are_rejected(cls):
     params = [torch.randn(4, 4, dtype=torch.complex64, requires_grad=True), torch.randn(3, requires_grad=True)]
     opt = cls(params)
