@@ -40,7 +40,7 @@ def check_lr(value) -> str | None:
     """
     if isinstance(value, torch.Tensor):
         if value.ndim != 0 or not value.is_floating_point():
-            return f"must be a float or a 0-dim floating tensor, got a tensor of shape {tuple(value.shape)}, {value.dtype}"
+            return f"must be a float or a 0-dim floating tensor, got shape {tuple(value.shape)}, {value.dtype}"
         if value.device.type != "cpu":
             return None
         value = value.item()
@@ -143,7 +143,12 @@ class BaseOptimizer(torch.optim.Optimizer):
     # Which branches max_grad_norm clips (None: every group). Split optimizers clip their elementwise branch only.
     clipped_branches: frozenset[str] | None = None
 
-    def __init__(self, params, defaults: dict, *, fused=None, check_finite=False, overrides=None):
+    def __init__(self, params, defaults: dict, *, fused=None, check_finite=False, overrides=None, **unknown):
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}: unknown option(s) {', '.join(map(repr, sorted(unknown)))}; its options are "
+                f"{', '.join(sorted(defaults))}, fused, check_finite, overrides"
+            )
         if fused not in (None, True, False):
             raise ValueError(f"fused: expected None, True or False, got {fused!r}")
         if check_finite not in (False, True, "warn", "raise"):
@@ -174,11 +179,8 @@ class BaseOptimizer(torch.optim.Optimizer):
                 self.add_param_group(routed)
             return
         param_group.setdefault("weight_decay_mask", True)
-        for name in param_group.get("names", ()):
-            if not isinstance(name, str):
-                raise ValueError(f"param_groups[{index}]: names must be strings, got {name!r}")
+        self._check_hparams({**self.defaults, **param_group}, index)  # before the group joins the optimizer
         super().add_param_group(param_group)
-        self._check_hparams(self.param_groups[-1], index)
 
     def _check_hparams(self, group: dict, index: int) -> None:
         for key, rule in self.hparam_rules.items():
