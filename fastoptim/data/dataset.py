@@ -56,7 +56,7 @@ def check_data_spec(spec: str) -> list[str]:
     return sources
 
 
-def prepare_data(spec: str, cache_dir: Path | None = None, vocab_size: int = 8192, max_bytes: int = 4_000_000,
+def prepare_data(spec: str, cache_dir: Path | None = None, vocab_size: int = 4096, max_bytes: int = 4_000_000,
                  val_fraction: float = 0.05) -> TokenData:
     sources = check_data_spec(spec)
     if is_shard_source(sources[0]):

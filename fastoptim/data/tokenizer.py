@@ -1,7 +1,7 @@
 """An offline tokenizer: byte-level BPE trained once on the corpus with HF `tokenizers`, cached as JSON.
 
 No package available offline ships a GPT-2 or Llama vocabulary, so the trainer fits its own: byte-level, so any text
-encodes without unknown tokens; a small vocabulary (default 8192) suits the CPU-scale corpus and keeps the embedding
+encodes without unknown tokens; a small vocabulary (default 4096) suits the CPU-scale corpus and keeps the embedding
 and output layers of tiny models small. Documents are separated by the end-of-text token, id 0.
 """
 
