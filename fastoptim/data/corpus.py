@@ -27,8 +27,9 @@ class Document:
     text: str
 
     @property
-    def name_hash(self) -> int:
-        return int.from_bytes(hashlib.sha1(self.name.encode()).digest()[:8], "big")
+    def split_hash(self) -> int:
+        # Salted so that it is independent of the (unsalted) hash order in which a size cap picks files.
+        return int.from_bytes(hashlib.sha1(b"validation:" + self.name.encode()).digest()[:8], "big")
 
 
 def _stable_order(paths: list[Path], root: Path) -> list[Path]:
@@ -103,13 +104,13 @@ def load_corpus(sources: list[str], max_bytes: int) -> list[Document]:
 
 
 def split_validation(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
-    """(train, val): a document is held out when its name hash falls in the lowest val_fraction of the hash range."""
+    """(train, val): a document is held out when its name's hash falls in the lowest val_fraction of the hash range."""
     if len(docs) < 2:
         raise ValueError("data: the corpus is a single small document; it cannot hold out a validation split")
     threshold = int(val_fraction * 2**64)
-    val = [d for d in docs if d.name_hash < threshold]
+    val = [d for d in docs if d.split_hash < threshold]
     if not val:  # tiny corpora: still hold out one document, the one with the lowest hash
-        val = [min(docs, key=lambda d: d.name_hash)]
+        val = [min(docs, key=lambda d: d.split_hash)]
     held_out = {d.name for d in val}
     train = [d for d in docs if d.name not in held_out]
     if not train:

@@ -69,7 +69,9 @@ def check_identity(state: dict, identity: dict, path: Path) -> None:
 
 def capture_rng() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            # Only a process that used CUDA has CUDA RNG state; asking otherwise would initialise CUDA (and fail in
+            # forked children).
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
 
 def restore_rng(rng: dict) -> None:
