@@ -55,6 +55,9 @@ def test_validation_split_is_deterministic_disjoint_and_by_name():
     assert {d.name for d in val} == {d.name for d in val2} and val
     assert {d.name for d in train}.isdisjoint({d.name for d in val})
     assert len(train) + len(val) == len(docs)
+    total = sum(len(d.text) for d in docs)
+    held = sum(len(d.text) for d in val)
+    assert held >= 0.1 * total and held - max(len(d.text) for d in val) < 0.1 * total
 
 
 def write_text_corpus(folder):

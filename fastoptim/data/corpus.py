@@ -7,8 +7,7 @@ or air-gapped machine can train out of the box. It is real text of a kind the pa
 user's own data (text files, or pre-tokenized .bin shards, see shards.py).
 
 Every source is cut into documents (a file, or ~64 KB pieces of a large file at line boundaries) so that the held-out
-validation split can be chosen per document, by a hash of its name: deterministic, independent of file order, and
-stable when documents are added.
+validation split can be chosen per document, by a hash of its name: deterministic and independent of file order.
 """
 
 import hashlib
@@ -104,15 +103,18 @@ def load_corpus(sources: list[str], max_bytes: int) -> list[Document]:
 
 
 def split_validation(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
-    """(train, val): a document is held out when its name's hash falls in the lowest val_fraction of the hash range."""
+    """(train, val): documents in the order of their name's hash go to validation until they hold val_fraction of
+    the text (at least one document), the rest to training; both keep the corpus order."""
     if len(docs) < 2:
         raise ValueError("data: the corpus is a single small document; it cannot hold out a validation split")
-    threshold = int(val_fraction * 2**64)
-    val = [d for d in docs if d.split_hash < threshold]
-    if not val:  # tiny corpora: still hold out one document, the one with the lowest hash
-        val = [min(docs, key=lambda d: d.split_hash)]
-    held_out = {d.name for d in val}
+    target = val_fraction * sum(len(d.text) for d in docs)
+    held_out, size = set(), 0
+    for doc in sorted(docs, key=lambda d: d.split_hash):
+        if held_out and size >= target:
+            break
+        held_out.add(doc.name)
+        size += len(doc.text)
     train = [d for d in docs if d.name not in held_out]
     if not train:
         raise ValueError(f"data: val_fraction={val_fraction} leaves no training documents")
-    return train, val
+    return train, [d for d in docs if d.name in held_out]
