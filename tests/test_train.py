@@ -247,37 +247,46 @@ def _free_port():
 
 
 def _rank_worker(rank, world_size, runs, results):
-    """One rank of a torchrun-like launch: each (port, config) pair is a separate run in a fresh process group."""
+    """One rank of a torchrun-like launch: each run gets a fresh process group on its own port."""
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     loop.optimizer_registry = registry
     outcomes = []
-    for port, cfg in runs:
+    for port, cfg, owner_step_optimizers in runs:
         os.environ["MASTER_PORT"] = str(port)
+        loop.OWNER_STEP_OPTIMIZERS = owner_step_optimizers
         result = train(cfg)
         outcomes.append({"history": result.history, "final": result.final_val_loss})
     torch.save(outcomes, f"{results}.{rank}")
 
 
 def test_two_cpu_ranks_match_one_process(tmp_path, cache_dir):
-    """2 gloo processes, with DDP and with FSDP2, give the single-process run's losses (same global batch)."""
+    """2 gloo processes give the single-process run's losses (same global batch) with DDP, with FSDP2, and with
+    FSDP2 plus whole-matrix owner steps (Muon when merged; AdamW routed through the owner path until then)."""
+    owner_optimizer = "muon" if "muon" in optimizer_names() else "adamw"
     settings = dict(steps=4, eval_every=2, hparams={"batch_size": 8})
-    single = train(tiny(tmp_path / "one", cache_dir, **settings))
-    runs = [(_free_port(), tiny(tmp_path / kind, cache_dir, fsdp=kind == "fsdp2", **settings))
-            for kind in ("ddp", "fsdp2")]
+    kinds = {"ddp": ("adamw", False, ()), "fsdp2": ("adamw", True, ()),
+             "fsdp2-owner": (owner_optimizer, True, (owner_optimizer,))}
+    single = {name: train(tiny(tmp_path / f"one-{name}", cache_dir, optimizer=name, **settings))
+              for name in {"adamw", owner_optimizer}}
+    runs = [(_free_port(), tiny(tmp_path / kind, cache_dir, optimizer=name, fsdp=fsdp, **settings), owners)
+            for kind, (name, fsdp, owners) in kinds.items()]
     results = tmp_path / "results"
     # fork: the children skip re-importing torch (seconds on a busy 2-core machine); CPU-only, so fork is safe.
     mp.start_processes(_rank_worker, args=(2, runs, str(results)), nprocs=2, join=True, start_method="fork")
     for rank in range(2):
-        for got in torch.load(f"{results}.{rank}", weights_only=False):
+        for (name, _, _), got in zip(kinds.values(), torch.load(f"{results}.{rank}", weights_only=False)):
             assert len(got["history"]) == 4
-            for a, b in zip(got["history"], single.history):
+            for a, b in zip(got["history"], single[name].history):
                 assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
-            assert got["final"] == pytest.approx(single.final_val_loss, rel=1e-5, abs=1e-6)
-    # Both write whole-tensor checkpoints that a single process can load.
-    one = ckpt.load_checkpoint(tmp_path / "one" / "run" / "checkpoints" / "step_00000004.pt")
-    for kind in ("ddp", "fsdp2"):
+            assert got["final"] == pytest.approx(single[name].final_val_loss, rel=1e-5, abs=1e-6)
+    # Every kind writes whole-tensor checkpoints, with every parameter's optimizer state, that one process loads.
+    for kind, (name, _, _) in kinds.items():
+        one = ckpt.load_checkpoint(tmp_path / f"one-{name}" / "run" / "checkpoints" / "step_00000004.pt")
         state = ckpt.load_checkpoint(tmp_path / kind / "run" / "checkpoints" / "step_00000004.pt")
         assert state["model"].keys() == one["model"].keys()
         for key, tensor in one["model"].items():
-            torch.testing.assert_close(state["model"][key], tensor, rtol=1e-4, atol=1e-6)
+            # Adam's normalisation turns rounding noise in near-zero gradients into visible (still << lr)
+            # differences on a few elements; the losses above are the tight check.
+            torch.testing.assert_close(state["model"][key], tensor, rtol=1e-4, atol=1e-4)
+        assert len(state["optimizer"]["state"]) == len(one["optimizer"]["state"]) == len(one["model"])

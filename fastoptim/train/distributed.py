@@ -4,19 +4,22 @@ Under torchrun (WORLD_SIZE > 1) each rank gets batch_size / world_size sequences
 data/loader.py), so the run computes the same global-batch gradient as a single process.
 
 FSDP2 (`fully_shard` per transformer block, then the root) shards parameters, gradients and optimizer state; the
-elementwise optimizers then step on their local shards. Optimizers that need whole matrices (Muon, Scion: Newton-
-Schulz; Soap, Kron: Kronecker factors per dimension) would need each matrix gathered to an owner rank, updated there
-and scattered back; that is not implemented, so those optimizers are refused under FSDP2 (use DDP).
+elementwise optimizers then step on their local shards. Muon and Scion need whole matrices for Newton-Schulz: under
+FSDP2 they step through `OwnerStepper`, which gives every parameter one owner rank (matrices spread over ranks),
+gathers its gradient there, runs the optimizer on the whole matrix and scatters the result back into the shards.
+Soap and Kron precondition (and clip) all parameters jointly; they are refused under FSDP2 (use DDP).
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-WHOLE_MATRIX_OPTIMIZERS = ("muon", "scion", "soap", "kron")
+OWNER_STEP_OPTIMIZERS = ("muon", "scion")  # under FSDP2: whole matrices at owner ranks
+UNSHARDABLE_OPTIMIZERS = ("soap", "kron")  # not under FSDP2
 
 
 @dataclass(frozen=True)
@@ -97,22 +100,137 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+def is_matrix_branch(name: str, param: nn.Parameter) -> bool:
+    """Muon/Scion's split (benchmark-spec §1.7): the transformer blocks' 2-D Linear weights; the rest (embedding,
+    lm_head, norms) is the AdamW/signum branch."""
+    return name.startswith("layers.") and param.ndim == 2
+
+
+def assign_owners(named_sizes: list[tuple[str, int, bool]], world_size: int) -> list[int]:
+    """Owner rank per parameter: the whole non-matrix branch on rank 0, so that its gradient clipping sees every
+    one of its gradients; the matrices greedily to the least-loaded rank, largest first."""
+    load = [0] * world_size
+    owners = [0] * len(named_sizes)
+    for i, (_, size, matrix) in enumerate(named_sizes):
+        if not matrix:
+            load[0] += size
+    for i in sorted(range(len(named_sizes)), key=lambda i: -named_sizes[i][1]):
+        if named_sizes[i][2]:
+            owners[i] = min(range(world_size), key=lambda r: load[r])
+            load[owners[i]] += named_sizes[i][1]
+    return owners
+
+
+class OwnerStepper:
+    """A whole-matrix optimizer over an FSDP2 model: each rank runs the optimizer on the parameters it owns, whole.
+
+    The optimizer is built over a "shadow" copy of the model whose owned parameters are full tensors and whose other
+    parameters stay on the meta device (no memory; their gradients stay None, so the optimizer skips them). A step
+    all-gathers each gradient (the owner keeps it), steps the shadow, then scatters each owner's updated matrix back
+    into the FSDP shards. The optimizer state is thus split over ranks by ownership.
+    """
+
+    def __init__(self, model: nn.Module, make_shadow: Callable[[], nn.Module],
+                 build: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv):
+        self.model, self.env = model, env
+        self.params = list(model.named_parameters())
+        self.owners = assign_owners([(n, p.numel(), is_matrix_branch(n, p)) for n, p in self.params], env.world_size)
+        with torch.device("meta"):
+            self.shadow = make_shadow()
+        for i, whole in self._whole_owned_params():
+            module_name, _, leaf = self.params[i][0].rpartition(".")
+            setattr(self.shadow.get_submodule(module_name), leaf, nn.Parameter(whole.clone()))
+        shadow_params = dict(self.shadow.named_parameters())
+        self.shadow_params = [shadow_params[name] for name, _ in self.params]
+        self.optimizer = build(self.shadow)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def _whole_owned_params(self) -> list[tuple[int, torch.Tensor]]:
+        """(index, whole tensor) of this rank's parameters. Every rank must call it: it all-gathers each one."""
+        with torch.no_grad():
+            wholes = [(i, param.full_tensor()) for i, (_, param) in enumerate(self.params)]
+        return [(i, whole) for i, whole in wholes if self.owners[i] == self.env.rank]
+
+    @torch.no_grad()
+    def sync_from_model(self) -> None:
+        """Owned shadow parameters := the model's (after the model loaded a checkpoint)."""
+        for i, whole in self._whole_owned_params():
+            self.shadow_params[i].copy_(whole)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        for i, (_, param) in enumerate(self.params):
+            full_grad = param.grad.full_tensor()
+            if self.owners[i] == self.env.rank:
+                self.shadow_params[i].grad = full_grad
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, (_, param) in enumerate(self.params):
+            owned = self.owners[i] == self.env.rank
+            source = self.shadow_params[i] if owned else torch.empty(param.shape, dtype=param.dtype,
+                                                                         device=param.to_local().device)
+            shard = distribute_tensor(source.detach(), param.device_mesh, param.placements,
+                                      src_data_rank=self.owners[i])
+            param.to_local().copy_(shard.to_local())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.model.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        """The whole optimizer state, merged from every owner (a collective call)."""
+        own = self.optimizer.state_dict()
+        parts = [None] * self.env.world_size
+        dist.all_gather_object(parts, _to_cpu(own["state"]))
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        return {"state": merged, "param_groups": own["param_groups"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        owned = {i for i, _ in self._owned()}
+        self.optimizer.load_state_dict({"state": {i: s for i, s in state["state"].items() if i in owned},
+                                        "param_groups": state["param_groups"]})
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def full_state(model: nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
     """(model, optimizer) state dicts of whole (unsharded) tensors; a collective call under FSDP2."""
     if not fsdp:
         return unwrap(model).state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if isinstance(optimizer, OwnerStepper):
+        return get_model_state_dict(model, options=options), optimizer.state_dict()
+    return get_state_dict(model, optimizer, options=options)
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool,
-                    model_state: dict, optimizer_state: dict) -> None:
+def load_full_state(model: nn.Module, optimizer, fsdp: bool, model_state: dict, optimizer_state: dict) -> None:
     if not fsdp:
         unwrap(model).load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
+    options = StateDictOptions(full_state_dict=True)
+    if isinstance(optimizer, OwnerStepper):
+        set_model_state_dict(model, model_state, options=options)
+        optimizer.sync_from_model()
+        optimizer.load_state_dict(optimizer_state)
+        return
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True))
+                   options=options)

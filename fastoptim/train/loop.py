@@ -21,8 +21,8 @@ from tqdm import tqdm
 from fastoptim.data import TrainLoader, check_batch_divisible, check_data_spec, prepare_data, validation_batches
 from fastoptim.models import Llama, get_model_config, non_embedding_params
 from fastoptim.train import checkpoint as ckpt
-from fastoptim.train.distributed import (WHOLE_MATRIX_OPTIMIZERS, barrier, full_state, init_distributed,
-                                         load_full_state, mean_over_ranks, shutdown_distributed, unwrap,
+from fastoptim.train.distributed import (OWNER_STEP_OPTIMIZERS, UNSHARDABLE_OPTIMIZERS, OwnerStepper, barrier,
+                                         full_state, init_distributed, load_full_state, mean_over_ranks, shutdown_distributed, unwrap,
                                          world_size_from_env, wrap_model)
 from fastoptim.train.metrics import MetricsLog, check_logger
 from fastoptim.train.schedule import lr_multiplier
@@ -127,9 +127,9 @@ def plan_run(cfg: TrainConfig) -> Plan:
     lr_multiplier(steps, schedule["lr_schedule"], schedule["warmup"], schedule["decay"], schedule["min_lr_ratio"])
     check_data_spec(cfg.data)
     check_logger(cfg.log_to)
-    if cfg.fsdp and cfg.optimizer in WHOLE_MATRIX_OPTIMIZERS:
-        raise ValueError(f"optimizer={cfg.optimizer!r} needs whole matrices, which FSDP2 shards; the owner-rank "
-                         f"gather is not implemented: run it with DDP (fsdp=False)")
+    if cfg.fsdp and cfg.optimizer in UNSHARDABLE_OPTIMIZERS:
+        raise ValueError(f"optimizer={cfg.optimizer!r} preconditions all parameters jointly and does not run under "
+                         f"FSDP2: run it with DDP (fsdp=False)")
     if cfg.optimizer == "sophia" and (world_size > 1 or cfg.grad_accum > 1):
         raise ValueError("optimizer='sophia' computes its Hessian estimate from one batch's graph: it runs on a "
                          "single process with grad_accum=1")
@@ -187,8 +187,16 @@ def _run(cfg: TrainConfig, plan: Plan, env) -> RunResult:
                          f"{data.vocab_size}")
     torch.manual_seed(cfg.seed)
     model = Llama(model_cfg).to(env.device)
-    model = wrap_model(model, env, cfg.fsdp)
-    optimizer = optimizer_registry().build_optimizer(cfg.optimizer, unwrap(model), plan.optimizer_hparams)
+    fsdp = cfg.fsdp and env.distributed
+    model = wrap_model(model, env, fsdp)
+
+    def build_optimizer(module):
+        return optimizer_registry().build_optimizer(cfg.optimizer, module, plan.optimizer_hparams)
+
+    if fsdp and cfg.optimizer in OWNER_STEP_OPTIMIZERS:
+        optimizer = OwnerStepper(model, lambda: Llama(model_cfg), build_optimizer, env)
+    else:
+        optimizer = build_optimizer(unwrap(model))
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     multiplier = lr_multiplier(plan.steps, plan.schedule["lr_schedule"], plan.schedule["warmup"],
                                plan.schedule["decay"], plan.schedule["min_lr_ratio"])
@@ -196,7 +204,7 @@ def _run(cfg: TrainConfig, plan: Plan, env) -> RunResult:
     start, history = 0, []
     if plan.resume_from is not None:
         state = plan.resume_from
-        load_full_state(model, optimizer, cfg.fsdp, state["model"], state["optimizer"])
+        load_full_state(model, optimizer, fsdp, state["model"], state["optimizer"])
         loader.load_state_dict(state["loader"])
         ckpt.restore_rng(state["rng"])
         start, history = state["step"], state["history"]
@@ -257,7 +265,7 @@ def _run(cfg: TrainConfig, plan: Plan, env) -> RunResult:
         if diverged:
             break
         if plan.checkpoint_every and (last or (step + 1) % plan.checkpoint_every == 0):
-            _save(out_dir, step + 1, model, optimizer, loader, plan, history, cfg, env)
+            _save(out_dir, step + 1, model, optimizer, loader, plan, history, cfg, env, fsdp)
     bar.close()
 
     steps_done = history[-1]["step"] if history else start
@@ -296,8 +304,9 @@ def _train_step(model, optimizer, loader, cfg: TrainConfig, env, autocast) -> to
     return loss.detach()
 
 
-def _save(out_dir: Path, step: int, model, optimizer, loader, plan: Plan, history, cfg: TrainConfig, env) -> None:
-    model_state, optimizer_state = full_state(model, optimizer, cfg.fsdp)  # collective under FSDP: every rank
+def _save(out_dir: Path, step: int, model, optimizer, loader, plan: Plan, history, cfg: TrainConfig, env,
+          fsdp: bool) -> None:
+    model_state, optimizer_state = full_state(model, optimizer, fsdp)  # collective under FSDP: every rank
     if env.is_main:
         ckpt.save_checkpoint(out_dir / "checkpoints",
                              {"step": step, "identity": plan.identity, "model": model_state,
