@@ -300,3 +300,22 @@ def test_two_cpu_ranks_match_one_process(tmp_path, cache_dir):
             # differences on a few elements; the losses above are the tight check.
             torch.testing.assert_close(state["model"][key], tensor, rtol=1e-4, atol=1e-4)
         assert len(state["optimizer"]["state"]) == len(one["optimizer"]["state"]) == len(one["model"])
+
+
+def test_owner_assignment_keeps_the_clipped_branch_on_one_rank_and_spreads_matrices():
+    from fastoptim.train.distributed import assign_owners
+
+    sizes = [("embed", 100, False), ("a", 40, True), ("b", 40, True), ("c", 30, True), ("d", 30, True),
+             ("norm", 5, False), ("head", 100, False)]
+    owners = assign_owners(sizes, world_size=3)
+    assert [owners[i] for i, s in enumerate(sizes) if not s[2]] == [0, 0, 0]
+    load = [sum(s[1] for s, o in zip(sizes, owners) if o == r) for r in range(3)]
+    assert load == [205, 70, 70]  # all matrices avoid rank 0, which already holds the embedding and head
+
+
+@pytest.mark.cuda
+def test_trains_on_cuda_with_bf16_autocast(tmp_path, cache_dir):
+    result = train(tiny(tmp_path, cache_dir, device="cuda", steps=30, eval_every=10,
+                        hparams={"lr": 1e-2, "batch_size": 8}))
+    vals = [r["val_loss"] for r in result.history if "val_loss" in r]
+    assert not result.diverged and vals[-1] < vals[0] < math.log(512) + 0.5

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastoptim.optim.routing import named_kinds
+
 OWNER_STEP_OPTIMIZERS = ("muon", "scion")  # under FSDP2: whole matrices at owner ranks
 UNSHARDABLE_OPTIMIZERS = ("soap", "kron")  # not under FSDP2
 
@@ -100,12 +102,6 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def is_matrix_branch(name: str, param: nn.Parameter) -> bool:
-    """Muon/Scion's split (benchmark-spec §1.7): the transformer blocks' 2-D Linear weights; the rest (embedding,
-    lm_head, norms) is the AdamW/signum branch."""
-    return name.startswith("layers.") and param.ndim == 2
-
-
 def assign_owners(named_sizes: list[tuple[str, int, bool]], world_size: int) -> list[int]:
     """Owner rank per parameter: the whole non-matrix branch on rank 0, so that its gradient clipping sees every
     one of its gradients; the matrices greedily to the least-loaded rank, largest first."""
@@ -134,7 +130,9 @@ class OwnerStepper:
                  build: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv):
         self.model, self.env = model, env
         self.params = list(model.named_parameters())
-        self.owners = assign_owners([(n, p.numel(), is_matrix_branch(n, p)) for n, p in self.params], env.world_size)
+        # Muon/Scion's split (benchmark-spec §1.7): hidden matrices vs the AdamW/signum branch (embedding, head, norms).
+        kinds = {name: kind for name, _, kind in named_kinds(model)}
+        self.owners = assign_owners([(n, p.numel(), kinds[n] == "matrix") for n, p in self.params], env.world_size)
         with torch.device("meta"):
             self.shadow = make_shadow()
         for i, whole in self._whole_owned_params():
