@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from fastoptim.data import TrainLoader, check_batch_divisible, check_data_spec, prepare_data, validation_batches
@@ -286,7 +287,8 @@ def _train_step(model, optimizer, loader, cfg: TrainConfig, env, autocast) -> to
     x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
     if getattr(optimizer, "hessian_due", False):
         # SophiaH: the optimizer takes the loss with its graph alive and computes gradients and the Hessian estimate.
-        with autocast:
+        # Its Hessian-vector product differentiates twice, which only the math attention kernel supports.
+        with sdpa_kernel(SDPBackend.MATH), autocast:
             loss = model(x, y)[1]
         optimizer.update_hessian(loss)
     else:
