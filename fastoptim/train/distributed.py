@@ -107,7 +107,7 @@ def assign_owners(named_sizes: list[tuple[str, int, bool]], world_size: int) -> 
     one of its gradients; the matrices greedily to the least-loaded rank, largest first."""
     load = [0] * world_size
     owners = [0] * len(named_sizes)
-    for i, (_, size, matrix) in enumerate(named_sizes):
+    for _, size, matrix in named_sizes:
         if not matrix:
             load[0] += size
     for i in sorted(range(len(named_sizes)), key=lambda i: -named_sizes[i][1]):
@@ -190,8 +190,11 @@ class OwnerStepper:
         return {"state": merged, "param_groups": own["param_groups"]}
 
     def load_state_dict(self, state: dict) -> None:
-        owned = {i for i, _ in self._owned()}
-        self.optimizer.load_state_dict({"state": {i: s for i, s in state["state"].items() if i in owned},
+        """Load the whole optimizer state; each rank keeps only its own parameters' entries."""
+        # torch numbers the state by position over the param groups; meta parameters belong to other ranks.
+        in_group_order = [p for group in self.optimizer.param_groups for p in group["params"]]
+        owned = {k for k, p in enumerate(in_group_order) if not p.is_meta}
+        self.optimizer.load_state_dict({"state": {k: s for k, s in state["state"].items() if k in owned},
                                         "param_groups": state["param_groups"]})
 
 
