@@ -28,6 +28,8 @@ def _standin_registry():
         if name != "adamw":
             raise ValueError(f"optimizer: unknown name {name!r}")
         h = dict(hparams)
+        if h.pop("max_grad_norm", 0):
+            raise ValueError("hparams for adamw: torch.optim.AdamW does not clip")
         betas = (h.pop("beta1", 0.9), h.pop("beta2", 0.999))
         try:
             return torch.optim.AdamW(model.parameters(), betas=betas, **h)
@@ -268,46 +270,48 @@ def _rank_worker(rank, world_size, runs, results):
     torch.set_num_threads(1)
     loop.optimizer_registry = registry
     outcomes = []
-    for port, cfg, owner_step_optimizers, resume_from in runs:
+    for port, cfg, resume_from in runs:
         os.environ["MASTER_PORT"] = str(port)
         if resume_from is not None:  # every rank places the checkpoint a killed run left (atomically, idempotent)
             folder = Path(cfg.out_dir) / "checkpoints"
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copy(resume_from, folder / f"tmp{rank}")
             os.replace(folder / f"tmp{rank}", folder / Path(resume_from).name)
-        loop.OWNER_STEP_OPTIMIZERS = owner_step_optimizers
         result = train(cfg)
         outcomes.append({"history": result.history, "final": result.final_val_loss})
     torch.save(outcomes, f"{results}.{rank}")
 
 
 def test_two_cpu_ranks_match_one_process(tmp_path, cache_dir):
-    """2 gloo processes give the single-process run's losses (same global batch) with DDP, with FSDP2, and with
-    FSDP2 plus whole-matrix owner steps (Muon when merged; AdamW routed through the owner path until then), also
-    when that last run is resumed from its mid-run checkpoint."""
-    owner_optimizer = "muon" if "muon" in optimizer_names() else "adamw"
-    settings = dict(steps=4, eval_every=2, hparams={"batch_size": 8})
-    owner_checkpoint = tmp_path / "fsdp2-owner" / "run" / "checkpoints" / "step_00000002.pt"
-    kinds = {"ddp": ("adamw", False, (), None), "fsdp2": ("adamw", True, (), None),
-             "fsdp2-owner": (owner_optimizer, True, (owner_optimizer,), None),
-             "fsdp2-owner-resumed": (owner_optimizer, True, (owner_optimizer,), owner_checkpoint)}
-    single = {name: train(tiny(tmp_path / f"one-{name}", cache_dir, optimizer=name, **settings))
-              for name in {"adamw", owner_optimizer}}
-    runs = [(_free_port(), tiny(tmp_path / kind, cache_dir, optimizer=name, fsdp=fsdp, resume=bool(resume_from),
-                                **settings), owners, resume_from)
-            for kind, (name, fsdp, owners, resume_from) in kinds.items()]
+    """2 gloo processes give the single-process run's losses (same global batch) with DDP and with FSDP2: AdamW
+    (clipped, so one owner holds every parameter) and Muon (matrices spread over owners; until Muon is merged,
+    AdamW without clipping spreads everything), also when that last run resumes from its mid-run checkpoint."""
+    optimizers = {"clipped": ("adamw", {}),
+                  "spread": ("muon", {}) if "muon" in optimizer_names() else ("adamw", {"max_grad_norm": 0})}
+    owner_checkpoint = tmp_path / "fsdp2-spread" / "run" / "checkpoints" / "step_00000002.pt"
+    kinds = {"ddp": ("clipped", False, None), "fsdp2": ("clipped", True, None),
+             "fsdp2-spread": ("spread", True, None), "fsdp2-spread-resumed": ("spread", True, owner_checkpoint)}
+
+    def config(folder, label, **overrides):
+        name, hparams = optimizers[label]
+        return tiny(folder, cache_dir, optimizer=name, steps=4, eval_every=2,
+                    hparams={"batch_size": 8, **hparams}, **overrides)
+
+    single = {label: train(config(tmp_path / f"one-{label}", label)) for label in optimizers}
+    runs = [(_free_port(), config(tmp_path / kind, label, fsdp=fsdp, resume=bool(resume_from)), resume_from)
+            for kind, (label, fsdp, resume_from) in kinds.items()]
     results = tmp_path / "results"
     # fork: the children skip re-importing torch (seconds on a busy 2-core machine); CPU-only, so fork is safe.
     mp.start_processes(_rank_worker, args=(2, runs, str(results)), nprocs=2, join=True, start_method="fork")
     for rank in range(2):
-        for (name, *_), got in zip(kinds.values(), torch.load(f"{results}.{rank}", weights_only=False)):
+        for (label, *_), got in zip(kinds.values(), torch.load(f"{results}.{rank}", weights_only=False)):
             assert len(got["history"]) == 4
-            for a, b in zip(got["history"], single[name].history):
+            for a, b in zip(got["history"], single[label].history):
                 assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
-            assert got["final"] == pytest.approx(single[name].final_val_loss, rel=1e-5, abs=1e-6)
+            assert got["final"] == pytest.approx(single[label].final_val_loss, rel=1e-5, abs=1e-6)
     # Every kind writes whole-tensor checkpoints, with every parameter's optimizer state, that one process loads.
-    for kind, (name, *_) in kinds.items():
-        one = ckpt.load_checkpoint(tmp_path / f"one-{name}" / "run" / "checkpoints" / "step_00000004.pt")
+    for kind, (label, *_) in kinds.items():
+        one = ckpt.load_checkpoint(tmp_path / f"one-{label}" / "run" / "checkpoints" / "step_00000004.pt")
         state = ckpt.load_checkpoint(tmp_path / kind / "run" / "checkpoints" / "step_00000004.pt")
         assert state["model"].keys() == one["model"].keys()
         for key, tensor in one["model"].items():

@@ -3,11 +3,13 @@
 Under torchrun (WORLD_SIZE > 1) each rank gets batch_size / world_size sequences of every global batch (see
 data/loader.py), so the run computes the same global-batch gradient as a single process.
 
-FSDP2 (`fully_shard` per transformer block, then the root) shards parameters, gradients and optimizer state; the
-elementwise optimizers then step on their local shards. Muon and Scion need whole matrices for Newton-Schulz: under
-FSDP2 they step through `OwnerStepper`, which gives every parameter one owner rank (matrices spread over ranks),
-gathers its gradient there, runs the optimizer on the whole matrix and scatters the result back into the shards.
-Soap and Kron precondition (and clip) all parameters jointly; they are refused under FSDP2 (use DDP).
+FSDP2 (`fully_shard` per transformer block, then the root) shards parameters and gradients. Optimizers step through
+`OwnerStepper`: every parameter has one owner rank, which gathers its gradient, runs the optimizer on the whole tensor
+(Muon and Scion need whole matrices for Newton-Schulz) and scatters the result back into the shards. Parameters that
+one gradient clip covers share an owner, so the clip sees its whole set: for Muon, Scion and Adam-mini the matrices
+(never clipped) spread over ranks and the rest sits on rank 0; for the other optimizers everything sits on rank 0
+unless clipping is off (max_grad_norm=0). Soap and Kron precondition and clip all parameters jointly: they are
+refused under FSDP2 (use DDP).
 """
 
 import os
@@ -20,7 +22,8 @@ from torch import nn
 
 from fastoptim.optim.routing import named_kinds
 
-OWNER_STEP_OPTIMIZERS = ("muon", "scion")  # under FSDP2: whole matrices at owner ranks
+# benchmark-spec §1: these clip only their AdamW/signum branch, never the hidden matrices.
+UNCLIPPED_MATRIX_OPTIMIZERS = ("muon", "scion", "mini")
 UNSHARDABLE_OPTIMIZERS = ("soap", "kron")  # not under FSDP2
 
 
@@ -102,13 +105,18 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def spreadable(kind: str, optimizer: str, clipping: bool) -> bool:
+    """Whether a parameter of this routing kind may have an owner of its own (no clip must see it with others)."""
+    return not clipping or (kind == "matrix" and optimizer in UNCLIPPED_MATRIX_OPTIMIZERS)
+
+
 def assign_owners(named_sizes: list[tuple[str, int, bool]], world_size: int) -> list[int]:
-    """Owner rank per parameter: the whole non-matrix branch on rank 0, so that its gradient clipping sees every
-    one of its gradients; the matrices greedily to the least-loaded rank, largest first."""
+    """Owner rank per (name, size, spreadable) parameter: the others all on rank 0, so that their gradient clip sees
+    every one of them; the spreadable ones greedily to the least-loaded rank, largest first."""
     load = [0] * world_size
     owners = [0] * len(named_sizes)
-    for _, size, matrix in named_sizes:
-        if not matrix:
+    for _, size, spread in named_sizes:
+        if not spread:
             load[0] += size
     for i in sorted(range(len(named_sizes)), key=lambda i: -named_sizes[i][1]):
         if named_sizes[i][2]:
@@ -118,7 +126,7 @@ def assign_owners(named_sizes: list[tuple[str, int, bool]], world_size: int) -> 
 
 
 class OwnerStepper:
-    """A whole-matrix optimizer over an FSDP2 model: each rank runs the optimizer on the parameters it owns, whole.
+    """An optimizer over an FSDP2 model: each rank runs it on the parameters it owns, whole.
 
     The optimizer is built over a "shadow" copy of the model whose owned parameters are full tensors and whose other
     parameters stay on the meta device (no memory; their gradients stay None, so the optimizer skips them). A step
@@ -127,12 +135,11 @@ class OwnerStepper:
     """
 
     def __init__(self, model: nn.Module, make_shadow: Callable[[], nn.Module],
-                 build: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv):
+                 build: Callable[[nn.Module], torch.optim.Optimizer], spread: Callable[[str], bool], env: DistEnv):
         self.model, self.env = model, env
         self.params = list(model.named_parameters())
-        # Muon/Scion's split (benchmark-spec §1.7): hidden matrices vs the AdamW/signum branch (embedding, head, norms).
         kinds = {name: kind for name, _, kind in named_kinds(model)}
-        self.owners = assign_owners([(n, p.numel(), kinds[n] == "matrix") for n, p in self.params], env.world_size)
+        self.owners = assign_owners([(n, p.numel(), spread(kinds[n])) for n, p in self.params], env.world_size)
         with torch.device("meta"):
             self.shadow = make_shadow()
         for i, whole in self._whole_owned_params():

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from fastoptim.data import TrainLoader, check_batch_divisible, check_data_spec, prepare_data, validation_batches
 from fastoptim.models import Llama, get_model_config, non_embedding_params
 from fastoptim.train import checkpoint as ckpt
-from fastoptim.train.distributed import (OWNER_STEP_OPTIMIZERS, UNSHARDABLE_OPTIMIZERS, OwnerStepper, barrier,
+from fastoptim.train.distributed import (UNSHARDABLE_OPTIMIZERS, OwnerStepper, barrier, spreadable,
                                          full_state, init_distributed, load_full_state, mean_over_ranks, shutdown_distributed, unwrap,
                                          world_size_from_env, wrap_model)
 from fastoptim.train.metrics import MetricsLog, check_logger
@@ -112,6 +112,7 @@ class Plan:
     checkpoint_every: int
     schedule: dict
     optimizer_hparams: dict
+    clipping: bool
     identity: dict
     resume_from: dict | None
 
@@ -139,7 +140,8 @@ def plan_run(cfg: TrainConfig) -> Plan:
     # Build the optimizer over a parameter-free (meta) copy of the model: checks its name and hparams for free.
     with torch.device("meta"):
         probe = Llama(dataclasses.replace(model_cfg, vocab_size=model_cfg.vocab_size or 512))
-    optimizer_registry().build_optimizer(cfg.optimizer, probe, optimizer_hparams)
+    probe_optimizer = optimizer_registry().build_optimizer(cfg.optimizer, probe, optimizer_hparams)
+    clipping = probe_optimizer.defaults.get("max_grad_norm", 0) > 0
 
     eval_every = cfg.eval_every or max(1, min(1000, steps - 1))
     checkpoint_every = eval_every if cfg.checkpoint_every is None else cfg.checkpoint_every
@@ -154,8 +156,8 @@ def plan_run(cfg: TrainConfig) -> Plan:
     if checkpoints:
         resume_from = ckpt.load_checkpoint(checkpoints[-1])
         ckpt.check_identity(resume_from, identity, checkpoints[-1])
-    return Plan(model_cfg, seq_len, steps, eval_every, checkpoint_every, schedule, optimizer_hparams, identity,
-                resume_from)
+    return Plan(model_cfg, seq_len, steps, eval_every, checkpoint_every, schedule, optimizer_hparams, clipping,
+                identity, resume_from)
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -194,8 +196,9 @@ def _run(cfg: TrainConfig, plan: Plan, env) -> RunResult:
     def build_optimizer(module):
         return optimizer_registry().build_optimizer(cfg.optimizer, module, plan.optimizer_hparams)
 
-    if fsdp and cfg.optimizer in OWNER_STEP_OPTIMIZERS:
-        optimizer = OwnerStepper(model, lambda: Llama(model_cfg), build_optimizer, env)
+    if fsdp:
+        optimizer = OwnerStepper(model, lambda: Llama(model_cfg), build_optimizer,
+                                 lambda kind: spreadable(kind, cfg.optimizer, plan.clipping), env)
     else:
         optimizer = build_optimizer(unwrap(model))
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
