@@ -4,10 +4,11 @@ LossLaw:    L(D)    = α·D^(−B) + β          AdamW's final loss against the 
 HparamLaw:  h(N, D) = α·N^(−A)·D^(−B) + β   an optimal hyperparameter against non-embedding params and the multiple.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import curve_fit
+from scipy.optimize import OptimizeWarning, curve_fit
 
 
 class FitError(ValueError):
@@ -26,7 +27,7 @@ class LossLaw:
     def equivalent_budget(self, loss):
         """D_eff = ((L − β)/α)^(−1/B): the budget at which this law reaches `loss`; inf when loss ≤ β."""
         excess = (np.asarray(loss, dtype=float) - self.beta) / self.alpha
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             return np.where(excess > 0, np.power(np.maximum(excess, 1e-300), -1.0 / self.B), np.inf)
 
 
@@ -101,7 +102,9 @@ def fit_hparam_law(N, D, values, drop_first: bool = True, hold_out_last: bool = 
 
 def _curve_fit(function, x, y, p0):
     try:
-        params, _ = curve_fit(function, x, y, p0=p0, maxfev=20000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)  # covariance is unused: an exact fit has none
+            params, _ = curve_fit(function, x, y, p0=p0, maxfev=20000)
     except (RuntimeError, ValueError) as error:
         raise FitError(f"curve_fit did not converge: {error}") from error
     if not np.all(np.isfinite(params)):
