@@ -57,6 +57,8 @@ class ResultsStore:
     def _connect(self):
         db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: commits are atomic and never corrupt the file; only a power cut may lose the last few.
+        db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=60000")
         return db
 
