@@ -3,6 +3,7 @@
     fastoptim grid --preset smoke                              # CPU, minutes; output in runs/grid-smoke
     fastoptim grid --preset tiny --executor gpus               # one run per local GPU
     fastoptim grid --preset paper --executor slurm --slurm-partition gpu --slurm-timeout-min 2880
+    fastoptim grid --preset paper --dry-run                    # how many runs, how many tokens
 
 Stop it at any time and run the same command again: finished runs are kept in the store and never rerun; unfinished
 ones resume from their checkpoints. Several machines may run the same command on one shared --store.
@@ -17,10 +18,12 @@ from pathlib import Path
 from . import runner
 from .driver import run_grid
 from .executors import LocalGPUExecutor, SequentialExecutor, SlurmExecutor
-from .presets import PRESETS, get_preset
+from .presets import PRESETS, Regime, get_preset
 from .progress import GridProgress
+from .report import markdown_table
 from .report_cli import STORE_NAME, write_report
 from .store import ResultsStore
+from .synthetic import dry_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-gpus-per-node", type=int, default=1)
     p.add_argument("--slurm-max-jobs", type=int, default=64, help="jobs in the queue at once")
     p.add_argument("--no-report", action="store_true", help="only run the grid")
+    p.add_argument("--dry-run", action="store_true",
+                   help="train nothing: drive the phases on a synthetic loss and print how many runs they ask for")
     return p
+
+
+def print_dry_run(preset, stream=sys.stdout) -> None:
+    bench = dry_run(preset, runner.param_count)
+    rows = {}
+    for spec, _ in bench.outcomes.values():
+        regime = Regime(spec.model, float(spec.chinchilla))
+        phase = bench.phase_of.get((spec.optimizer, regime), 3)
+        runs, tokens = rows.get((phase, spec.model), (0, 0))
+        rows[(phase, spec.model)] = (runs + 1, tokens + spec.steps * spec.seq_len * spec.hparams["batch_size"])
+    table = [[f"Phase {phase}", model, str(runs), f"{tokens:.3g}"] for (phase, model), (runs, tokens) in sorted(
+        rows.items(), key=lambda item: (item[0][0], runner.param_count(item[0][1])))]
+    total_runs = sum(runs for runs, _ in rows.values())
+    total_tokens = sum(tokens for _, tokens in rows.values())
+    table.append(["all", "", str(total_runs), f"{total_tokens:.3g}"])
+    stream.write(f"preset {preset.name!r} on a synthetic loss (a real grid's count differs with its losses):\n\n"
+                 + markdown_table(["phase", "model", "runs", "training tokens"], table) + "\n")
 
 
 def make_executor(args, out: Path):
@@ -70,6 +92,9 @@ def main(argv=None) -> int:
     preset = get_preset(args.preset)
     if args.data:
         preset = dataclasses.replace(preset, data=args.data)
+    if args.dry_run:
+        print_dry_run(preset)
+        return 0
     out = Path(args.out or f"runs/grid-{preset.name}")
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -73,12 +73,13 @@ class GridPreset:
         return list(dict.fromkeys(regime.model for regime in (*self.phase1, *self.phase2, *self.phase3)))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(asdict(self))  # unsorted: a grid's key order is the order coordinate descent sweeps
 
     @classmethod
     def from_json(cls, text: str) -> "GridPreset":
         raw = json.loads(text)
-        raw["optimizers"] = {name: OptimizerSweep(**sweep) for name, sweep in raw["optimizers"].items()}
+        raw["optimizers"] = {name: OptimizerSweep(sweep["baseline"], {k: tuple(v) for k, v in sweep["grid"].items()},
+                                                  sweep["phase2"]) for name, sweep in raw["optimizers"].items()}
         for phase in ("phase1", "phase2", "phase3"):
             raw[phase] = tuple(Regime(**regime) for regime in raw[phase])
         for key in ("phase3_optimizers", "phase2_always"):
@@ -106,7 +107,7 @@ _NADAMW_GRID = {**_ADAMW_GRID, "lr": (8e-3, 1.6e-2, 3.2e-2), "beta1": (0.8, 0.9,
 _ADAMW_BASE = {"lr": 8e-3, "weight_decay": 0.1, "warmup": 2000, "beta1": 0.9, "beta2": 0.98, "eps": 1e-20,
                "max_grad_norm": 1.0, "batch_size": 128, **_COSINE}
 
-PAPER_SWEEPS = {
+_PAPER_SWEEPS = {
     "adamw": OptimizerSweep(_ADAMW_BASE, _ADAMW_GRID),
     "nadamw": OptimizerSweep({**_ADAMW_BASE, "lr": 1.6e-2, "beta1": 0.95, "beta2": 0.95, "eps": 1e-10}, _NADAMW_GRID),
     "cautious": OptimizerSweep({**_ADAMW_BASE, "beta1": 0.98, "beta2": 0.98, "eps": 1e-25, "batch_size": 256},
@@ -163,6 +164,7 @@ PAPER_SWEEPS = {
          "weight_decay": (0.0, 0.1, 0.2, 0.3), "warmup": _WARMUP, "batch_size": _BSZ},
         phase2=False),
 }
+PAPER_SWEEPS = {name: _PAPER_SWEEPS[name] for name in OPTIMIZER_NAMES}  # the spec's order, for reports
 
 PAPER = GridPreset(
     name="paper",
@@ -206,13 +208,14 @@ _SHORT_RUN = {"batch_size": 16, "warmup": 10, "precond_update_flat_start": 20}
 
 TINY = GridPreset(
     name="tiny",
-    optimizers=_scaled_down(("lr", "weight_decay"), _SHORT_RUN),
+    optimizers=_scaled_down(("lr", "weight_decay"), _SHORT_RUN, lr_values=4),
     phase1=regimes(["tiny"], [1, 2, 4, 8]) + regimes(["tiny2"], [1]),
     phase2=regimes(["tiny2"], [2, 4, 8]),
     phase2_always=("lr",),
+    phase2_lower_lrs=0,
     seq_len=128,
-    tokens_per_param=2.0,
-    eval_every=50,
+    tokens_per_param=0.5,  # tiny 1× = 32 steps … tiny2 8× = 2048 steps of 16 × 128 tokens
+    eval_every=100,
 )
 
 SMOKE = GridPreset(
@@ -220,12 +223,12 @@ SMOKE = GridPreset(
     optimizers=_scaled_down(("lr",), {**_SHORT_RUN, "batch_size": 8, "warmup": 2}, names=("adamw", "muon", "lion"),
                             lr_values=3),
     phase1=regimes(["tiny"], [1, 2, 4]) + regimes(["tiny2"], [1]),
-    phase2=regimes(["tiny2"], [2, 4]),
+    phase2=regimes(["tiny2"], [2]),
     phase2_always=("lr",),
     phase2_lower_lrs=0,
     seq_len=64,
-    tokens_per_param=0.5,
-    eval_every=25,
+    tokens_per_param=0.05,  # tiny 1× = 12 steps … tiny2 2× = 204 steps of 8 × 64 tokens
+    eval_every=None,        # the trainer's default: at the end (and at steps − 1)
 )
 
 PRESETS = {preset.name: preset for preset in (PAPER, TINY, SMOKE)}

@@ -83,7 +83,7 @@ class ResultsStore:
             row = db.execute("SELECT value FROM meta WHERE key='preset'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('preset', ?)", (preset_json,))
-            elif json.loads(row[0]) != json.loads(preset_json):
+            elif row[0] != preset_json:
                 name = json.loads(row[0]).get("name")
                 raise ValueError(f"store {self.path} holds the grid of a different preset ({name!r}, or the same name "
                                  f"with other settings); give another --store path")

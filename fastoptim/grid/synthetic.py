@@ -58,3 +58,19 @@ class SyntheticObjective:
         if spec.hparams["lr"] > self.diverge_factor * self.optimum("lr", spec.model, spec.chinchilla):
             return RunOutcome(math.inf, True, spec.steps)
         return RunOutcome(self.loss(spec.optimizer, spec.model, spec.chinchilla, spec.hparams), False, spec.steps)
+
+
+def dry_run(preset, param_count) -> "Benchmark":
+    """Drive every phase of a preset on the synthetic objective (its lr optimum moving with N and D, every other
+    key's optimum at the preset's baseline) and return the finished Benchmark: how many runs, and of which sizes,
+    the grid will ask for, without training anything."""
+    from .phases import Benchmark
+
+    first = next(iter(preset.optimizers.values())).baseline
+    objective = SyntheticObjective({model: param_count(model) for model in preset.sizes},
+                                   optima={key: value for key, value in first.items() if key != "lr"})
+    bench = Benchmark(preset, param_count)
+    while pending := bench.pending():
+        for spec in pending:
+            bench.record(spec, objective(spec))
+    return bench
