@@ -18,7 +18,7 @@ from .store import ResultsStore
 STORE_NAME = "grid.sqlite"
 
 
-def write_report(bench, store, out_dir, read_curve=runner.read_curve, stream=sys.stdout) -> Path:
+def write_report(bench, store, out_dir, read_curve=runner.read_curve, stream=None) -> Path:
     """report.md and PNG plots into out_dir; the report is also printed. Returns the report's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -26,7 +26,7 @@ def write_report(bench, store, out_dir, read_curve=runner.read_curve, stream=sys
     text = report.markdown()
     path = out_dir / "report.md"
     path.write_text(text)
-    stream.write(text)
+    (stream or sys.stdout).write(text)
 
     sizes = sorted(bench.preset.sizes, key=bench.param_count)
     plot_loss_vs_budget(best_loss_rows(bench), report.speedups, sizes, out_dir / "loss_vs_budget.png")
@@ -49,7 +49,7 @@ def write_report(bench, store, out_dir, read_curve=runner.read_curve, stream=sys
     return path
 
 
-def csv_report(csv_path, out_dir, baseline: str, stream=sys.stdout) -> Path:
+def csv_report(csv_path, out_dir, baseline: str, stream=None) -> Path:
     rows = read_loss_csv(csv_path)
     table = compute_speedups(rows, baseline=baseline)
     out_dir = Path(out_dir)
@@ -57,7 +57,7 @@ def csv_report(csv_path, out_dir, baseline: str, stream=sys.stdout) -> Path:
     text = f"# Speedups from {csv_path}\n\n" + speedup_markdown(table) + "\n"
     path = out_dir / "report.md"
     path.write_text(text)
-    stream.write(text)
+    (stream or sys.stdout).write(text)
     sizes = list(dict.fromkeys(row.size for row in rows))
     plot_loss_vs_budget([(r.optimizer, r.size, r.ratio, r.loss) for r in rows], table, sizes,
                         out_dir / "loss_vs_budget.png")
