@@ -82,7 +82,7 @@ class LocalGPUExecutor:
                 finished.append((spec, _timed(self._outcome(process.returncode, out_dir), time.time() - started)))
             if finished or time.time() >= deadline:
                 return finished
-            time.sleep(min(1.0, max(0.0, deadline - time.time())))
+            time.sleep(min(0.2, max(0.0, deadline - time.time())))
 
     def _outcome(self, returncode, out_dir):
         if returncode != 0:
@@ -105,7 +105,8 @@ class LocalGPUExecutor:
 class SlurmExecutor:
     """Each run a Slurm job through submitit (optional dependency); preempted jobs requeue and resume from out_dir."""
 
-    def __init__(self, run_fn, folder, max_jobs: int = 64, **slurm_params):
+    def __init__(self, run_fn, folder, max_jobs: int = 64, cluster: str | None = None, **slurm_params):
+        """cluster: submitit's choice (None: Slurm when present, else local processes; "debug": in this process)."""
         try:
             import submitit
         except ImportError as error:
@@ -114,7 +115,7 @@ class SlurmExecutor:
         self.submitit = submitit
         self.run_fn = run_fn
         self.max_jobs = max_jobs
-        self.executor = submitit.AutoExecutor(folder=str(folder))
+        self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         self.executor.update_parameters(**slurm_params)
         self._jobs = []  # (job, spec, started)
 

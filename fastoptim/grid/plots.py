@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 
 def plot_loss_vs_budget(loss_rows, speedups, sizes, path) -> None:
@@ -28,6 +29,7 @@ def plot_loss_vs_budget(loss_rows, speedups, sizes, path) -> None:
             ax.plot(D, law(D), "k--", lw=1, label=f"{speedups.baseline} fit")
         ax.set(xscale="log", xlabel="data budget (× Chinchilla)", ylabel="final validation loss", title=size)
         ax.set_xticks(sorted(set(ratios)), [f"{r:g}" for r in sorted(set(ratios))])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=7)
     _save(fig, path)
 
@@ -54,7 +56,8 @@ def plot_speedup_heatmap(speedups, size_order, path) -> None:
 
 
 def plot_loss_curves(curves, path, ncols: int = 4) -> None:
-    """curves: regime label → optimizer → (steps, losses) of that regime's best run."""
+    """curves: regime label → optimizer → (steps, losses) of that regime's best run (runner.read_curve: validation
+    losses where the run was evaluated more than once, else its training loss)."""
     labels = list(curves)
     if not labels:
         return
@@ -64,7 +67,7 @@ def plot_loss_curves(curves, path, ncols: int = 4) -> None:
     for ax, label in zip(axes.flat, labels):
         for optimizer, (steps, losses) in curves[label].items():
             ax.plot(steps, losses, label=optimizer, lw=1)
-        ax.set(title=label, xlabel="step", ylabel="validation loss")
+        ax.set(title=label, xlabel="step", ylabel="loss")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")

@@ -101,7 +101,8 @@ class GridReport:
         parts = ["## Hyperparameter scaling laws h(N, D) = α·N^(−A)·D^(−B) + β"]
         if rows:
             parts.append(markdown_table(["optimizer", "key", "α", "A", "B", "β", "held-out error", "Phase III"], rows))
-        parts.extend(failures)
+        if failures:
+            parts.append("\n".join(failures))
         return "\n\n".join(parts)
 
     def _tuned(self) -> str:
@@ -123,7 +124,8 @@ def speedup_markdown(table: SpeedupTable, size_key=str, optimizers=None) -> str:
     if table.laws:
         parts.append(f"{table.baseline} loss law per size, L(D) = α·D^(−B) + β:\n\n" + markdown_table(
             ["size", "α", "B", "β"],
-            [[size, f"{law.alpha:.4g}", f"{law.B:.4g}", f"{law.beta:.4g}"] for size, law in table.laws.items()]))
+            [[size, f"{law.alpha:.4g}", f"{law.B:.4g}", f"{law.beta:.4g}"]
+             for size, law in sorted(table.laws.items(), key=lambda item: size_key(item[0]))]))
     columns = sorted({(row.size, row.ratio) for row in table.rows}, key=lambda c: (size_key(c[0]), c[1]))
     lookup = {(row.optimizer, row.size, row.ratio): row.speedup for row in table.rows}
     optimizers = optimizers or list(dict.fromkeys(row.optimizer for row in table.rows))
@@ -131,8 +133,8 @@ def speedup_markdown(table: SpeedupTable, size_key=str, optimizers=None) -> str:
             for optimizer in optimizers if any((optimizer, *c) in lookup for c in columns)]
     if rows:
         parts.append(markdown_table(["optimizer", *(f"{size} {ratio:g}×" for size, ratio in columns)], rows))
-    for size, reason in table.failed_fits.items():
-        parts.append(f"- no speedups at {size}: {reason}")
+    if table.failed_fits:
+        parts.append("\n".join(f"- no speedups at {size}: {reason}" for size, reason in table.failed_fits.items()))
     return "\n\n".join(parts)
 
 
