@@ -118,8 +118,8 @@ _PAPER_SWEEPS = {
         {"lr": (8e-3, 1.6e-2, 3.2e-2), "weight_decay": _WD, "warmup": _WARMUP, "beta1": (0.8, 0.9, 0.95, 0.98),
          "beta2": (0.9, 0.95, 0.98, 0.99), "gamma": (0.0125, 0.025, 0.05, 0.1),
          "eps": (1e-30, 1e-25, 1e-20, 1e-15, 1e-10), "batch_size": _BSZ}),
-    "lion": OptimizerSweep(
-        {**_ADAMW_BASE, "lr": 2e-3, "weight_decay": 0.7, "beta1": 0.9, "beta2": 0.95},
+    "lion": OptimizerSweep(  # Lion has no eps
+        {**{k: v for k, v in _ADAMW_BASE.items() if k != "eps"}, "lr": 2e-3, "weight_decay": 0.7, "beta2": 0.95},
         {"lr": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3), "weight_decay": tuple(round(0.1 * i, 1) for i in range(11)),
          "beta1": (0.8, 0.9, 0.95, 0.98), "beta2": (0.9, 0.95, 0.98), "warmup": _WARMUP, "max_grad_norm": _CLIP,
          "batch_size": _BSZ}),
