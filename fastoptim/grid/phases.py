@@ -58,7 +58,8 @@ class Benchmark:
 
     def spec(self, optimizer: str, regime: Regime, hparams: dict) -> RunSpec:
         steps = self.steps(regime, hparams)
-        eval_every = self.preset.eval_every and min(self.preset.eval_every, max(1, steps - 1))
+        every = self.preset.eval_every
+        eval_every = None if every is None else steps if every == 0 else min(every, max(1, steps - 1))
         return RunSpec(optimizer=optimizer, model=regime.model, chinchilla=regime.ratio, hparams=dict(hparams),
                        seq_len=self.preset.seq_len, steps=steps, eval_every=eval_every, seed=self.preset.seed,
                        data=self.preset.data)

@@ -45,7 +45,7 @@ class GridPreset:
     phase3_optimizers: tuple = ()
     seq_len: int = 4096
     tokens_per_param: float = 20.0   # 1× Chinchilla = tokens_per_param · N tokens; scaled-down presets shrink it
-    eval_every: int | None = 1000
+    eval_every: int | None = 1000    # capped at steps − 1 as in the study (plus one at the end); 0: only at the end
     delta1: float = 3e-3
     delta2: float = 6.4e-3
     phase2_always: tuple = ("lr", "warmup", "batch_size")  # re-swept at Phase II whether sensitive or not (spec §4)
@@ -220,15 +220,15 @@ TINY = GridPreset(
 
 SMOKE = GridPreset(
     name="smoke",
-    optimizers=_scaled_down(("lr",), {**_SHORT_RUN, "batch_size": 8, "warmup": 2}, names=("adamw", "muon", "lion"),
+    optimizers=_scaled_down(("lr",), {**_SHORT_RUN, "batch_size": 4, "warmup": 2}, names=("adamw", "muon", "lion"),
                             lr_values=3),
     phase1=regimes(["tiny"], [1, 2, 4]) + regimes(["tiny2"], [1]),
     phase2=regimes(["tiny2"], [2]),
     phase2_always=("lr",),
     phase2_lower_lrs=0,
-    seq_len=64,
-    tokens_per_param=0.05,  # tiny 1× = 12 steps … tiny2 2× = 204 steps of 8 × 64 tokens
-    eval_every=None,        # the trainer's default: at the end (and at steps − 1)
+    seq_len=32,
+    tokens_per_param=0.005,  # tiny 1× = 5 steps … tiny2 2× = 81 steps of 4 × 32 tokens
+    eval_every=0,
 )
 
 PRESETS = {preset.name: preset for preset in (PAPER, TINY, SMOKE)}
