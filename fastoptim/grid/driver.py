@@ -45,9 +45,9 @@ def run_grid(preset, store, executor, param_count, runs_dir, progress: GridProgr
                 out_dir = str(runs_dir / spec.run_id)
                 if store.claim(spec, out_dir):
                     in_flight[spec.run_id] = spec
-                    _show(progress, bench, pending, in_flight, durations, executor)
                     executor.start(spec, out_dir)
                     started += 1
+            _show(progress, bench, pending, in_flight, durations, executor)
             finished = executor.poll(timeout=0.0 if started else idle_s)
             for spec, outcome in finished:
                 del in_flight[spec.run_id]
@@ -61,7 +61,6 @@ def run_grid(preset, store, executor, param_count, runs_dir, progress: GridProgr
                         durations.append(outcome.seconds)
             if not started and not finished:
                 time.sleep(idle_s)  # every pending run is held by another worker: wait for its result
-            _show(progress, bench, bench.pending(), in_flight, durations, executor)
     finally:
         for spec in in_flight.values():
             store.release(spec)

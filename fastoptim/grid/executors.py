@@ -12,34 +12,36 @@ from pathlib import Path
 
 
 class SequentialExecutor:
-    """Runs each run to completion inside `start`: one device, no subprocess (the default; also the test harness)."""
+    """One run at a time in this process (the default; also the test harness): `start` queues it, `poll` trains it."""
 
     def __init__(self, run_fn):
         self.run_fn = run_fn  # run_fn(spec, out_dir) → RunOutcome
-        self._finished = []
+        self._queued = None
 
     @property
     def slots(self) -> int:
-        return 0 if self._finished else 1  # one run, then its result must be polled before the next
+        return 0 if self._queued else 1
 
     @property
     def running(self) -> int:
-        return 0
+        return 1 if self._queued else 0
 
     def start(self, spec, out_dir):
+        self._queued = (spec, out_dir)
+
+    def poll(self, timeout: float = 0.0):
+        if self._queued is None:
+            return []
+        (spec, out_dir), self._queued = self._queued, None
         started = time.time()
         try:
             outcome = self.run_fn(spec, out_dir)
         except Exception as error:  # a crashed run is recorded; an interrupt (BaseException) stops the grid
             outcome = error
-        self._finished.append((spec, _timed(outcome, time.time() - started)))
-
-    def poll(self, timeout: float = 0.0):
-        finished, self._finished = self._finished, []
-        return finished
+        return [(spec, _timed(outcome, time.time() - started))]
 
     def shutdown(self):
-        pass
+        self._queued = None
 
 
 class LocalGPUExecutor:
