@@ -222,12 +222,14 @@ SMOKE = GridPreset(
     name="smoke",
     optimizers=_scaled_down(("lr",), {**_SHORT_RUN, "batch_size": 4, "warmup": 2}, names=("adamw", "muon", "lion"),
                             lr_values=3),
-    phase1=regimes(["tiny"], [1, 2, 4]) + regimes(["tiny2"], [1]),
-    phase2=regimes(["tiny2"], [2]),
+    # The paper's Phase II sits at the larger sizes; here tiny2 at 2× alone would double the smoke's time, so Phase II
+    # re-sweeps tiny at 4× (same mechanics: sensitivity from the Phase I regimes, start from the nearest optimum).
+    phase1=regimes(["tiny"], [1, 2]) + regimes(["tiny2"], [1]),
+    phase2=regimes(["tiny"], [4]),
     phase2_always=("lr",),
     phase2_lower_lrs=0,
     seq_len=32,
-    tokens_per_param=0.005,  # tiny 1× = 5 steps … tiny2 2× = 81 steps of 4 × 32 tokens
+    tokens_per_param=0.005,  # tiny 1× = 5 steps, tiny 4× = 20, tiny2 1× = 40 steps of 4 × 32 tokens
     eval_every=0,
 )
 
