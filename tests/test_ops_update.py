@@ -1,0 +1,119 @@
+"""decoupled_update_: the foundation op, against a float64 reference, through opcheck, compile and FakeTensor."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fastoptim.ops as ops
+
+# Math is float32; a low-precision parameter is off by at most its own rounding of the result.
+TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+# Odd sizes, an empty tensor, and one spanning several 65536-element chunks.
+SHAPES = [(1,), (7, 3), (0,), (33, 65), (3 * 65536 + 5,)]
+
+
+def reference(p, u, lr, wd, scale):
+    return p.double() * (1 - lr * wd) - lr * scale * u.double()
+
+
+def make_lists(shapes, param_dtype, update_dtype, device, rng):
+    params = [torch.randn(s, generator=rng).to(device=device, dtype=param_dtype) for s in shapes]
+    updates = [torch.randn(s, generator=rng).to(device=device, dtype=update_dtype) for s in shapes]
+    return params, updates
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("same_dtype_updates", [True, False])
+def test_matches_float64_reference(device, rng, param_dtype, same_dtype_updates):
+    update_dtype = param_dtype if same_dtype_updates else torch.float32
+    params, updates = make_lists(SHAPES, param_dtype, update_dtype, device, rng)
+    lr, wd, scale = 0.05 + torch.rand((), generator=rng).item(), 0.1, 1.7
+    expected = [reference(p, u, lr, wd, scale) for p, u in zip(params, updates)]
+    ops.decoupled_update_(params, updates, lr, wd, scale)
+    for p, e in zip(params, expected):
+        assert p.dtype == param_dtype
+        torch.testing.assert_close(p.double(), e, rtol=TOLERANCE[param_dtype], atol=TOLERANCE[param_dtype])
+
+
+def test_lr_from_device_tensor(device, rng):
+    params, updates = make_lists([(10,)], torch.float32, torch.float32, device, rng)
+    expected = reference(params[0], updates[0], 0.25, 0.0, 1.0)
+    ops.decoupled_update_(params, updates, torch.tensor(0.25, device=device))
+    torch.testing.assert_close(params[0].double(), expected)
+
+
+def test_many_tensors_span_several_launches(device, rng):
+    # More tensors than one CUDA launch's metadata holds (110 at depth 1, 64 at depth 2).
+    params, updates = make_lists([(rng.seed() % 5 + 1,) for _ in range(150)], torch.float32, torch.float32, device, rng)
+    expected = [reference(p, u, 0.3, 0.2, 1.0) for p, u in zip(params, updates)]
+    ops.decoupled_update_(params, updates, 0.3, 0.2)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.double(), e)
+
+
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda p, u: (p, u[:1]), "updates has 1 tensors but params has 2"),
+        (lambda p, u: (p, [u[0], u[1][:-1]]), r"updates\[1\] has \d+ elements"),
+        (lambda p, u: ([p[0].double(), p[1].double()], u), "params has dtype torch.float64"),
+        (lambda p, u: (p, [u[0].double(), u[1].double()]), "updates has dtype torch.float64"),
+        (lambda p, u: ([p[0], p[1].half()], u), r"params\[1\] has dtype torch.float16"),
+        (lambda p, u: (p, [u[0], u[1].t()]), r"updates\[1\] is not contiguous"),
+        (lambda p, u: (p, [u[0], u[1].to_sparse()]), r"updates\[1\] is sparse"),
+        (lambda p, u: (p, [u[0].bfloat16(), u[1].bfloat16()]), "expected float32 or the parameters' dtype"),
+    ],
+)
+def test_bad_input_names_the_argument_and_writes_nothing(rng, make_bad, message):
+    params, updates = make_lists([(4, 3), (5, 6)], torch.float32, torch.float32, "cpu", rng)
+    params, updates = make_bad(params, updates)
+    before = [p.clone() for p in params]
+    with pytest.raises(RuntimeError, match=message):
+        ops.decoupled_update_(params, updates, 0.1)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+def test_bad_lr(rng):
+    params, updates = make_lists([(3,)], torch.float32, torch.float32, "cpu", rng)
+    with pytest.raises(RuntimeError, match="lr must be a 0-dim float32 tensor"):
+        torch.ops.fastoptim.decoupled_update_(params, updates, torch.tensor([0.1, 0.2]), 0.0, 1.0)
+
+
+@pytest.mark.cuda
+def test_mixed_devices_refused(rng):
+    params, updates = make_lists([(3,), (3,)], torch.float32, torch.float32, "cpu", rng)
+    with pytest.raises(RuntimeError, match=r"params\[1\] is on cuda"):
+        ops.decoupled_update_([params[0], params[1].cuda()], updates, 0.1)
+
+
+def test_opcheck(device, rng):
+    params, updates = make_lists([(5, 4), (17,)], torch.float32, torch.float32, device, rng)
+    lr = torch.tensor(0.01, device=device)
+    torch.library.opcheck(torch.ops.fastoptim.decoupled_update_.default, (params, updates, lr, 0.1, 2.0))
+
+
+def test_fake_tensor_mode_runs_the_fake_kernel_with_its_checks():
+    with FakeTensorMode():
+        params = [torch.empty(4, 3), torch.empty(5)]
+        updates = [torch.empty(4, 3), torch.empty(5)]
+        torch.ops.fastoptim.decoupled_update_(params, updates, torch.tensor(0.1), 0.0, 1.0)
+        with pytest.raises(RuntimeError, match=r"updates\[1\] has 6 elements"):
+            torch.ops.fastoptim.decoupled_update_(params, [updates[0], torch.empty(6)], torch.tensor(0.1), 0.0, 1.0)
+
+
+def test_compiles_fullgraph_and_matches_eager(device, rng):
+    params, updates = make_lists([(8, 8), (3,)], torch.float32, torch.float32, device, rng)
+    eager = [p.clone() for p in params]
+    lr = torch.tensor(0.1, device=device)
+
+    def step(ps, us, lr):
+        torch.ops.fastoptim.decoupled_update_(ps, us, lr, 0.01, 1.0)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for value in (0.1, 0.2):  # a changed lr value must not need a recompile: it is read from the tensor
+        lr.fill_(value)
+        compiled(params, updates, lr)
+        step(eager, updates, lr)
+    for p, e in zip(params, eager):
+        torch.testing.assert_close(p, e)
