@@ -1,5 +1,6 @@
 """Phases II and III on a synthetic loss whose optimal lr moves with N and D while weight decay's does not."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -113,3 +114,19 @@ def test_budget_and_warmup_rule():
     assert spec.steps == 625 and spec.seq_len == 16 and spec.chinchilla == 2.0
     feasible = bench._feasible(regime)
     assert feasible({"batch_size": 8, "warmup": 625}) and not feasible({"batch_size": 8, "warmup": 626})
+
+
+def test_an_optimizer_that_always_diverges_skips_its_later_phases():
+    bench = Benchmark(PRESET, OBJECTIVE.param_count)
+    diverging = SyntheticObjective(SIZES, lr0=1e-9, diverge_factor=2.0)  # every grid lr is far too large
+    while pending := bench.pending():
+        for spec in pending:
+            bench.record(spec, diverging(spec) if spec.optimizer == "sophia" else OBJECTIVE(spec))
+    assert all(math.isinf(bench.optimum("sophia", r).loss) for r in PRESET.phase1)
+    assert bench.done and bench.sensitive["sophia"] == ()  # no near-best evidence: nothing flagged
+    unstable = dataclasses.replace(PRESET, optimizers={"adamw": sweep()}, phase3_optimizers=("adamw",))
+    bench = Benchmark(unstable, OBJECTIVE.param_count)
+    while pending := bench.pending():
+        for spec in pending:
+            bench.record(spec, diverging(spec))
+    assert set(bench.skipped) == {("adamw", r) for r in PRESET.phase2 + PRESET.phase3}

@@ -79,6 +79,10 @@ def fit_hparam_law(N, D, values, drop_first: bool = True, hold_out_last: bool = 
     h = np.asarray(values, dtype=float)
     if not (N.shape == D.shape == h.shape) or N.ndim != 1:
         raise FitError(f"N, D and values must be 1-D of one length, got {N.shape}, {D.shape}, {h.shape}")
+    fitted = len(N) - int(drop_first) - int(hold_out_last)
+    if fitted < 5:
+        raise FitError(f"a hyperparameter law has 4 parameters: need ≥ 5 fitted points, have {max(fitted, 0)} "
+                       f"of {len(N)} (first dropped: {drop_first}, last held out: {hold_out_last})")
     order = np.lexsort((D, N))
     N, D, h = N[order], D[order], h[order]
     heldout_index = len(N) - 1 if hold_out_last else None
@@ -86,9 +90,6 @@ def fit_hparam_law(N, D, values, drop_first: bool = True, hold_out_last: bool = 
     keep[0] = not drop_first
     if heldout_index is not None:
         keep[heldout_index] = False
-    if keep.sum() < 5:
-        raise FitError(f"a hyperparameter law has 4 parameters: need ≥ 5 fitted points, have {int(keep.sum())} "
-                       f"of {len(N)} (first dropped: {drop_first}, last held out: {hold_out_last})")
     N0 = N.min()
     params = _curve_fit(lambda x, a, ea, eb, c: a * np.power(x[0], -ea) * np.power(x[1], -eb) + c,
                         np.vstack([N[keep] / N0, D[keep]]), h[keep], [0.0, 0.5, 0.5, float(h[keep].mean())])

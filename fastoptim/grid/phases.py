@@ -40,6 +40,7 @@ class Benchmark:
         self.laws: dict[str, dict] = {}                # optimizer → key → HparamLaw, or the reason it failed (str)
         self.phase3: dict[tuple[str, Regime], dict] = {}
         self.outcomes: dict[str, tuple[RunSpec, RunOutcome]] = {}
+        self.skipped: dict[tuple[str, Regime], str] = {}  # later-phase regimes with no finite optimum to start from
         for name, sweep in preset.optimizers.items():
             for regime in preset.phase1:
                 self._start_search(name, regime, sweep.baseline, sweep.grid, phase=1)
@@ -133,12 +134,10 @@ class Benchmark:
         carry no evidence and are skipped."""
         near_best = [self.searches[(optimizer, r)].near_best(self.preset.delta2) for r in self.preset.phase1]
         near_best = [configs for configs in near_best if configs]
-        sensitive = []
-        for key in self.preset.optimizers[optimizer].grid:
-            shared = set.intersection(*({c[key] for c in configs} for configs in near_best)) if near_best else set()
-            if not shared:
-                sensitive.append(key)
-        return tuple(sensitive)
+        if not near_best:
+            return ()
+        grid = self.preset.optimizers[optimizer].grid
+        return tuple(key for key in grid if not set.intersection(*({c[key] for c in configs} for configs in near_best)))
 
     def resweep_keys(self, optimizer) -> tuple:
         grid = self.preset.optimizers[optimizer].grid
@@ -153,17 +152,18 @@ class Benchmark:
             resweep["lr"] = [smallest / 2 ** i for i in range(self.preset.phase2_lower_lrs, 0, -1)] + resweep["lr"]
         for regime in self.preset.phase2:
             start = self._nearest_optimum(optimizer, regime, self.preset.phase1)
+            if start is None:
+                self.skipped[(optimizer, regime)] = "every Phase I run diverged"
+                continue
             self._start_search(optimizer, regime, start.hparams, resweep, phase=2)
 
-    def _nearest_optimum(self, optimizer, regime, among) -> Optimum:
+    def _nearest_optimum(self, optimizer, regime, among) -> Optimum | None:
+        """The finite optimum of the regime in `among` closest to `regime` in (log N, log D); None if all diverged."""
         def distance(other: Regime):
             size = math.log2(self.param_count(other.model) / self.param_count(regime.model))
             return math.hypot(size, math.log2(other.ratio / regime.ratio))
         candidates = [self.optimum(optimizer, r) for r in sorted(among, key=distance)]
-        finite = [o for o in candidates if o is not None and math.isfinite(o.loss)]
-        if not finite:
-            raise RuntimeError(f"{optimizer}: every run of {[str(r) for r in among]} diverged; no optimum to start from")
-        return finite[0]
+        return next((o for o in candidates if o is not None and math.isfinite(o.loss)), None)
 
     def tuned_regimes(self):
         return [*self.preset.phase1, *self.preset.phase2]
@@ -187,7 +187,11 @@ class Benchmark:
     def _start_phase3(self, optimizer):
         grid = self.preset.optimizers[optimizer].grid
         for regime in self.preset.phase3:
-            hparams = dict(self._nearest_optimum(optimizer, regime, self.tuned_regimes()).hparams)
+            nearest = self._nearest_optimum(optimizer, regime, self.tuned_regimes())
+            if nearest is None:
+                self.skipped[(optimizer, regime)] = "every Phase I/II run diverged"
+                continue
+            hparams = dict(nearest.hparams)
             for key, law in self.laws[optimizer].items():
                 if isinstance(law, HparamLaw):
                     predicted = float(law(self.param_count(regime.model), regime.ratio))

@@ -53,7 +53,10 @@ class GridReport:
         diverged = sum(outcome.diverged for outcome in outcomes)
         crashed = sum(not outcome.diverged and math.isinf(outcome.final_val_loss) for outcome in outcomes)
         state = "finished" if self.bench.done else f"in progress ({len(self.bench.pending())} runs pending)"
-        return f"Grid {state}: {len(outcomes)} runs ({diverged} diverged, {crashed} crashed)."
+        lines = [f"Grid {state}: {len(outcomes)} runs ({diverged} diverged, {crashed} crashed)."]
+        lines += [f"- skipped {optimizer} at {regime.model} {regime.ratio:g}×: {reason}"
+                  for (optimizer, regime), reason in self.bench.skipped.items()]
+        return "\n".join(lines)
 
     def _columns(self):
         regimes = [*self.bench.preset.phase1, *self.bench.preset.phase2, *self.bench.preset.phase3]
