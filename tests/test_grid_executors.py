@@ -19,8 +19,9 @@ time.sleep(0.5)
 if lr < 0:
     sys.exit(3)
 os.makedirs(out_dir, exist_ok=True)
-json.dump({"final_val_loss": 3.0 + lr, "diverged": False, "steps": 10,
-           "gpu": os.environ["CUDA_VISIBLE_DEVICES"], "began": began, "ended": time.time()}, open(os.path.join(out_dir, "result.json"), "w"))
+record = {"final_val_loss": 3.0 + lr, "diverged": False, "steps": 10,
+          "gpu": os.environ["CUDA_VISIBLE_DEVICES"], "began": began, "ended": time.time()}
+json.dump(record, open(os.path.join(out_dir, "result.json"), "w"))
 """
 
 

@@ -34,7 +34,8 @@ def test_every_preset_config_passes_the_trainers_checks(name, tmp_path):
 
 def best_losses(report):
     section = report.split("## Best final validation loss", 1)[1].split("\n## ", 1)[0]
-    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "optimizer" not in line]
+    rows = [line.strip("|").split("|") for line in section.splitlines()
+            if line.startswith("| ") and "optimizer" not in line]
     return {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows}
 
 

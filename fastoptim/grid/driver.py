@@ -47,7 +47,7 @@ def run_grid(preset, store, executor, param_count, runs_dir, progress: GridProgr
                     in_flight[spec.run_id] = spec
                     executor.start(spec, out_dir)
                     started += 1
-            _show(progress, bench, pending, in_flight, durations, executor)
+            _show(progress, bench, pending, in_flight, durations, executor, store)
             finished = executor.poll(timeout=0.0 if started else idle_s)
             for spec, outcome in finished:
                 del in_flight[spec.run_id]
@@ -80,9 +80,10 @@ def _answer_from_store(bench, store, pending, in_flight) -> bool:
     return answered
 
 
-def _show(progress, bench, pending, in_flight, durations, executor):
+def _show(progress, bench, pending, in_flight, durations, executor, store):
     if progress is None:
         return
     left = sum(1 for spec in pending if spec.run_id not in in_flight)
-    mean = sum(durations) / len(durations) if durations else None
+    # This session's runs; before the first finishes, those of earlier sessions (a resumed grid).
+    mean = sum(durations) / len(durations) if durations else store.mean_seconds()
     progress.update(len(bench.outcomes), len(in_flight), left, mean, max(1, executor.running + executor.slots))

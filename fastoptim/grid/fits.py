@@ -38,7 +38,8 @@ def fit_loss_law(ratios, losses) -> LossLaw:
     if D.shape != L.shape or D.ndim != 1:
         raise FitError(f"ratios and losses must be 1-D of one length, got {D.shape} and {L.shape}")
     if len(np.unique(D)) < 3:
-        raise FitError(f"a loss law has 3 parameters: need losses at ≥ 3 distinct ratios, got {sorted(set(D.tolist()))}")
+        raise FitError(f"a loss law has 3 parameters: need losses at ≥ 3 distinct ratios, "
+                       f"got {sorted(set(D.tolist()))}")
     if not np.all(np.isfinite(L)):
         raise FitError("losses must be finite (a diverged run cannot enter the fit)")
     order = np.argsort(D)

@@ -58,7 +58,8 @@ class GridPreset:
     def __post_init__(self):
         unknown = [name for name in self.optimizers if name not in OPTIMIZER_NAMES]
         if unknown:
-            raise ValueError(f"preset {self.name!r}: unknown optimizer(s) {unknown}; known: {', '.join(OPTIMIZER_NAMES)}")
+            raise ValueError(f"preset {self.name!r}: unknown optimizer(s) {unknown}; "
+                             f"known: {', '.join(OPTIMIZER_NAMES)}")
         if not self.phase1:
             raise ValueError(f"preset {self.name!r}: phase1 needs at least one regime")
         stray = [name for name in self.phase3_optimizers if name not in self.optimizers]

@@ -69,7 +69,8 @@ class GridReport:
             cells = []
             for regime in columns:
                 optimum = self.bench.optimum(optimizer, regime)
-                cells.append("" if optimum is None else "diverged" if math.isinf(optimum.loss) else f"{optimum.loss:.4f}")
+                cells.append("" if optimum is None else "diverged" if math.isinf(optimum.loss)
+                             else f"{optimum.loss:.4f}")
             if any(cells):
                 rows.append([optimizer, *cells])
         header = ["optimizer", *(f"{r.model} {r.ratio:g}×" for r in columns)]
@@ -115,7 +116,8 @@ class GridReport:
                 continue
             hparams, loss = search.best()
             swept = ", ".join(f"{key}={_value(hparams[key])}" for key in search.grid)
-            rows.append([optimizer, f"{regime.model} {regime.ratio:g}×", f"Phase {self.bench.phase_of[(optimizer, regime)]}",
+            phase = self.bench.phase_of[(optimizer, regime)]
+            rows.append([optimizer, f"{regime.model} {regime.ratio:g}×", f"Phase {phase}",
                          str(len(search.scores)), "yes" if search.done else "no", swept])
         return "## Tuned hyperparameters (best run of each search)\n\n" + markdown_table(
             ["optimizer", "regime", "phase", "runs", "finished", "swept keys at the best run"], rows)
@@ -148,7 +150,8 @@ def best_loss_rows(bench: Benchmark) -> list[tuple]:
         for regime in [*bench.preset.phase1, *bench.preset.phase2, *bench.preset.phase3]:
             optimum = bench.optimum(optimizer, regime)
             if optimum is not None:
-                rows.append((optimizer, regime.model, regime.ratio, optimum.loss if math.isfinite(optimum.loss) else math.nan))
+                loss = optimum.loss if math.isfinite(optimum.loss) else math.nan
+                rows.append((optimizer, regime.model, regime.ratio, loss))
     return rows
 
 

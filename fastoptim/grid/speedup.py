@@ -40,7 +40,9 @@ class SpeedupTable:
 
 
 def compute_speedups(rows, baseline: str = "adamw") -> SpeedupTable:
-    """Speedups of every (optimizer, size, ratio) row over `baseline`; rows are LossRow or (optimizer, size, ratio, loss).
+    """Speedups of every (optimizer, size, ratio) row over `baseline`.
+
+    rows: LossRow or (optimizer, size, ratio, loss) tuples.
 
     Repeated (optimizer, size, ratio) rows keep their lowest loss (the best-tuned run). Sizes whose baseline law
     cannot be fitted (fewer than 3 ratios, diverged losses) are listed in failed_fits and get no speedups.

@@ -156,7 +156,8 @@ class ResultsStore:
         db = self._connect()
         try:
             while not self._stop.wait(self.heartbeat_s):
-                db.execute("UPDATE runs SET heartbeat=? WHERE worker=? AND status='running'", (time.time(), self.worker))
+                db.execute("UPDATE runs SET heartbeat=? WHERE worker=? AND status='running'",
+                           (time.time(), self.worker))
         finally:
             db.close()
 
@@ -174,7 +175,9 @@ class ResultsStore:
         return dict(self._db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
 
     def mean_seconds(self) -> float | None:
-        return self._db.execute("SELECT AVG(seconds) FROM runs WHERE status='done' AND seconds IS NOT NULL").fetchone()[0]
+        """Mean duration of the finished runs (all workers, all sessions): the ETA of a resumed grid."""
+        query = "SELECT AVG(seconds) FROM runs WHERE status='done' AND seconds IS NOT NULL"
+        return self._db.execute(query).fetchone()[0]
 
 
 class _Immediate:
