@@ -98,7 +98,8 @@ class _OrthogonalizedMomentum(BaseOptimizer):
                                   beta=group["momentum"], nesterov=group.get("nesterov", False), ema=self.ema)
             stacked = torch.stack([d.reshape(shape[0], -1) for d in directions]).float()
             newton_schulz = self.functional("newton_schulz", params)
-            ortho = newton_schulz(stacked, group["ns_steps"], group[self.eps_key])
+            # contiguous: tall matrices come back transposed, and the native update ops take contiguous tensors
+            ortho = newton_schulz(stacked, group["ns_steps"], group[self.eps_key]).contiguous()
             ortho.mul_(shape_scale(shape, group.get("scale", "spectral")))
             apply_update = self.functional("apply_update", params)
             apply_update(params, [o.view_as(p).to(p.dtype) for p, o in zip(params, ortho)], lr=group["lr"],
