@@ -22,8 +22,8 @@ from tqdm import tqdm
 from fastoptim.data import TrainLoader, check_batch_divisible, check_data_spec, prepare_data, validation_batches
 from fastoptim.models import Llama, get_model_config, non_embedding_params
 from fastoptim.train import checkpoint as ckpt
-from fastoptim.train.distributed import (UNSHARDABLE_OPTIMIZERS, OwnerStepper, barrier, spreadable,
-                                         full_state, init_distributed, load_full_state, mean_over_ranks, shutdown_distributed, unwrap,
+from fastoptim.train.distributed import (UNSHARDABLE_OPTIMIZERS, OwnerStepper, barrier, full_state, init_distributed,
+                                         load_full_state, mean_over_ranks, shutdown_distributed, spreadable, unwrap,
                                          world_size_from_env, wrap_model)
 from fastoptim.train.metrics import MetricsLog, check_logger
 from fastoptim.train.schedule import lr_multiplier
