@@ -44,9 +44,14 @@ def scalar_polynomial(sigma, schedule):
     return sigma
 
 
-# The iteration amplifies rounding by up to a ≈ 3.4 per step; measured worst cases on random inputs here are ~2e-6
-# (float32) and ~2e-2 (bfloat16) of the output's largest entry after 5 steps; the bounds leave a margin.
-TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 8e-2}
+# The iteration amplifies rounding by up to a ≈ 3.4 per step. Worst error over 84 random inputs of the shapes below
+# (CPU, 5 steps), relative to the output's largest entry: 3e-6 in float32, 4.1e-2 in bfloat16 (the GPU's dtype,
+# measured with the CPU kernel on bfloat16); the bounds leave a margin of 10× and 2.4×.
+TOLERANCE = {torch.float32: 3e-5, torch.bfloat16: 1e-1}
+# Largest deviation of an output singular value from the scalar polynomial of the input's (same measurement, 32×96):
+# float32 ~1e-6; bfloat16 2.2e-2 after 5 steps, 1.3e-1 after 10.
+SINGULAR_VALUE_SLACK = {(torch.float32, 5): 2e-4, (torch.float32, 10): 2e-4,
+                        (torch.bfloat16, 5): 5e-2, (torch.bfloat16, 10): 2.5e-1}
 
 
 def assert_matches(out, expected, dtype):
@@ -136,7 +141,7 @@ def test_singular_values_reach_the_quintic_band(device, rng, steps):
     low, high = band.min().item(), band.max().item()
     assert 0.5 < low < high < 1.3  # the quintic's known behaviour: near 1, not at 1
     sigma_out = torch.linalg.svdvals(out)
-    slack = 2e-4 if dtype == torch.float32 else 5e-2
+    slack = SINGULAR_VALUE_SLACK[dtype, steps]
     assert sigma_out.min() >= low - slack and sigma_out.max() <= high + slack
     expected = scalar_polynomial(sigma_in, [QUINTIC] * steps).sort(dim=-1, descending=True).values
     torch.testing.assert_close(sigma_out, expected, rtol=0, atol=slack)
