@@ -134,7 +134,9 @@ def _emerging_muon(hidden):
 
 
 MUON_BACKENDS = {
-    "fastoptim": lambda hidden: _fastoptim_muon(hidden, fused=True),
+    # fused=None: the ops wherever one exists (the matrix branch's do; fused=True would also demand the AdamW
+    # branch's native op, which this hidden-matrix set never calls).
+    "fastoptim": lambda hidden: _fastoptim_muon(hidden, fused=None),
     "fastoptim-torch": lambda hidden: _fastoptim_muon(hidden, fused=False),
     "plain-torch": _plain_muon,
     "torch": _torch_muon,
