@@ -132,7 +132,6 @@ inline void check_newton_schulz(const at::Tensor& x, double eps, const std::opti
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "fastoptim: newton_schulz: x has dtype ", dtype_name(x.scalar_type()),
               "; supported are float32, bfloat16 and float16 (the iteration runs in x's dtype)");
-  TORCH_CHECK(x.layout() == at::kStrided, "fastoptim: newton_schulz: x is sparse; only dense tensors are supported");
   TORCH_CHECK(eps >= 0, "fastoptim: newton_schulz: eps is ", eps, "; it must be ≥ 0");
   if (norms) {
     TORCH_CHECK(norms->dim() == 1 && norms->size(0) == x.size(0) && norms->scalar_type() == at::kFloat,

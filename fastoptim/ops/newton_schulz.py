@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from fastoptim.ops._checks import check_float_dtype, check_tensor_lists
+from fastoptim.ops._checks import check_dense, check_float_dtype, check_tensor_lists
 from fastoptim.ops.update import decoupled_update_
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -26,6 +26,7 @@ def newton_schulz_momentum_(momentum_buffers, grads, beta, *, nesterov=True, ema
     """
     if not momentum_buffers and not grads:  # nothing to stack (the op needs a tensor to pick its device)
         return torch.empty(0, 0, 0, dtype=dtype or torch.float32), torch.empty(0, dtype=torch.float32)
+    check_dense(momentum_buffers=momentum_buffers, grads=grads)
     device = (momentum_buffers or grads)[0].device
     dtype = iteration_dtype(device) if dtype is None else dtype
     return torch.ops.fastoptim.newton_schulz_momentum_(list(momentum_buffers), list(grads), float(beta),
@@ -40,6 +41,7 @@ def newton_schulz(x, steps=5, eps=1e-7, *, coefficients=None, norms=None, method
     (3.4445, −4.7750, 2.0315) every step, or a (steps, 3) schedule (tensor or nested sequence). method: "auto",
     "plain" (batched GEMMs) or "symmetric" (CUDA: only the upper-triangular tiles of X·Xᵀ and A·A).
     """
+    check_dense(x=[x])
     if coefficients is not None and not isinstance(coefficients, torch.Tensor):
         coefficients = torch.tensor(coefficients, dtype=torch.float64).reshape(-1, 3)
     return torch.ops.fastoptim.newton_schulz(x, int(steps), float(eps), coefficients, norms, method)
