@@ -108,6 +108,12 @@ def test_run_records_losses_metrics_and_config(tmp_path, cache_dir):
         assert r["lr"] == pytest.approx(expected, rel=1e-12)
 
 
+def test_eval_every_zero_evaluates_and_checkpoints_at_the_end_only(tmp_path, cache_dir):
+    result = train(tiny(tmp_path, cache_dir, steps=4, eval_every=0))
+    assert [r["step"] for r in result.history if "val_loss" in r] == [4]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000004.pt"]
+
+
 def test_validation_loss_falls(tmp_path, cache_dir):
     result = train(tiny(tmp_path, cache_dir, steps=80, eval_every=5, hparams={"lr": 1e-2, "batch_size": 8}))
     vals = [r["val_loss"] for r in result.history if "val_loss" in r]

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from fastoptim.data import TrainLoader, check_batch_divisible, check_data_spec, prepare_data, validation_batches
 from fastoptim.models import Llama, get_model_config, non_embedding_params
 from fastoptim.train import checkpoint as ckpt
-from fastoptim.train.distributed import (UNSHARDABLE_OPTIMIZERS, OwnerStepper, barrier, spreadable,
-                                         full_state, init_distributed, load_full_state, mean_over_ranks, shutdown_distributed, unwrap,
+from fastoptim.train.distributed import (UNSHARDABLE_OPTIMIZERS, OwnerStepper, barrier, full_state, init_distributed,
+                                         load_full_state, mean_over_ranks, shutdown_distributed, spreadable, unwrap,
                                          world_size_from_env, wrap_model)
 from fastoptim.train.metrics import MetricsLog, check_logger
 from fastoptim.train.schedule import lr_multiplier
@@ -42,7 +42,7 @@ class TrainConfig:
     chinchilla: float = 1.0
     seq_len: int | None = None  # None: the model preset's (4096 for the paper sizes)
     steps: int | None = None  # None: floor(chinchilla * 20 * N / (seq_len * batch_size))
-    eval_every: int | None = None  # None: min(1000, steps - 1) as in the paper
+    eval_every: int | None = None  # None: min(1000, steps - 1) as in the paper; 0: only at the end
     eval_batches: int = 8
     seed: int = 0
     data: str = "stdlib"
@@ -53,7 +53,7 @@ class TrainConfig:
     out_dir: str = "runs/run"
     device: str = "auto"
     grad_accum: int = 1  # micro-batches per rank and step
-    checkpoint_every: int | None = None  # None: at every evaluation; 0: never
+    checkpoint_every: int | None = None  # None: at every evaluation (at the end when eval_every=0); 0: never
     keep_checkpoints: int = 2
     resume: bool = False
     fsdp: bool = False
@@ -143,8 +143,10 @@ def plan_run(cfg: TrainConfig) -> Plan:
     probe_optimizer = optimizer_registry().build_optimizer(cfg.optimizer, probe, optimizer_hparams)
     clipping = probe_optimizer.defaults.get("max_grad_norm", 0) > 0
 
-    eval_every = cfg.eval_every or max(1, min(1000, steps - 1))
-    checkpoint_every = eval_every if cfg.checkpoint_every is None else cfg.checkpoint_every
+    eval_every = max(1, min(1000, steps - 1)) if cfg.eval_every is None else cfg.eval_every
+    if eval_every < 0:
+        raise ValueError(f"eval_every={eval_every} must be positive, or 0 for an evaluation at the end only")
+    checkpoint_every = (eval_every or steps) if cfg.checkpoint_every is None else cfg.checkpoint_every
     identity = {"model": cfg.model, "optimizer": cfg.optimizer, "hparams": dict(cfg.hparams), "seq_len": seq_len,
                 "steps": steps, "seed": cfg.seed, "data": cfg.data, "vocab_size": cfg.vocab_size,
                 "corpus_bytes": cfg.corpus_bytes}
@@ -259,7 +261,7 @@ def _run(cfg: TrainConfig, plan: Plan, env) -> RunResult:
                   "tokens_per_s": (step + 1 - start) * tokens_per_step / max(elapsed, 1e-9)}
         diverged = is_diverged(step + 1, loss_value)
         last = step + 1 == plan.steps or diverged
-        if not diverged and (last or (step + 1) % plan.eval_every == 0):
+        if not diverged and (last or (plan.eval_every and (step + 1) % plan.eval_every == 0)):
             val_loss = record["val_loss"] = evaluate()
         history.append(record)
         if log is not None:

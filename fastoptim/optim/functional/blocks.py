@@ -100,7 +100,7 @@ class BlockLayout:
         x = x.permute([k for i in range(n) for k in (i, n + i)])
         x = x.reshape([g * b for g, b in zip(self.grid, self.block)])
         x = x[tuple(slice(0, d) for d in self.merged)]
-        return x.reshape(self.shape)
+        return x.reshape(self.shape).contiguous()  # contiguous for the native update ops
 
 
 def concat(per_param: list[Tensor]) -> Tensor:

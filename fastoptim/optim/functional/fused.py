@@ -26,7 +26,8 @@ def _op_supports(tensors) -> bool:
 
 
 def apply_update_(params, updates, *, lr, weight_decay):
-    ops.decoupled_update_(params, updates, lr, weight_decay)
+    # Updates are read once, so a strided one (a transposed Newton–Schulz output) costs one copy, not a fallback.
+    ops.decoupled_update_(params, [u.contiguous() for u in updates], lr, weight_decay)
 
 
 register_fused("apply_update", apply_update_, _op_supports)

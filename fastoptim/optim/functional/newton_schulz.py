@@ -57,6 +57,7 @@ def orthogonalized_step_(
     directions = momentum_(grads, momentum_buffers, beta=beta, nesterov=nesterov, ema=ema)
     rows = params[0].shape[0]
     stacked = torch.stack([d.reshape(rows, -1) for d in directions]).float()
-    ortho = newton_schulz(stacked, steps, eps)
+    # contiguous: tall matrices come back transposed, and the native update ops take contiguous tensors
+    ortho = newton_schulz(stacked, steps, eps).contiguous()
     ortho.mul_(scale)
     apply_update_(params, [o.view_as(p).to(p.dtype) for p, o in zip(params, ortho)], lr=lr, weight_decay=weight_decay)
