@@ -11,8 +11,10 @@ except ImportError as err:  # the package was imported from a source tree withou
     ) from err
 
 from fastoptim.ops._scalars import step_scalar
+from fastoptim.ops.newton_schulz import newton_schulz, newton_schulz_momentum_, orthogonalized_step_
 from fastoptim.ops.update import decoupled_update_
 
 CUDA_KERNELS_BUILT: bool = _C.cuda_kernels_built
 
-__all__ = ["CUDA_KERNELS_BUILT", "decoupled_update_", "step_scalar"]
+__all__ = ["CUDA_KERNELS_BUILT", "decoupled_update_", "newton_schulz", "newton_schulz_momentum_",
+           "orthogonalized_step_", "step_scalar"]

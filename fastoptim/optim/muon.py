@@ -93,17 +93,11 @@ class _OrthogonalizedMomentum(BaseOptimizer):
             by_shape[(p.shape, p.dtype, p.device)].append(i)
         for (shape, _, _), idx in by_shape.items():
             params = [item.params[i] for i in idx]
-            momentum = self.functional("momentum", params)
-            directions = momentum([item.grads[i] for i in idx], [item.states[i]["momentum_buffer"] for i in idx],
-                                  beta=group["momentum"], nesterov=group.get("nesterov", False), ema=self.ema)
-            stacked = torch.stack([d.reshape(shape[0], -1) for d in directions]).float()
-            newton_schulz = self.functional("newton_schulz", params)
-            # contiguous: tall matrices come back transposed, and the native update ops take contiguous tensors
-            ortho = newton_schulz(stacked, group["ns_steps"], group[self.eps_key]).contiguous()
-            ortho.mul_(shape_scale(shape, group.get("scale", "spectral")))
-            apply_update = self.functional("apply_update", params)
-            apply_update(params, [o.view_as(p).to(p.dtype) for p, o in zip(params, ortho)], lr=group["lr"],
-                         weight_decay=decay_of(group))
+            step = self.functional("orthogonalized_step", params)
+            step(params, [item.grads[i] for i in idx], [item.states[i]["momentum_buffer"] for i in idx],
+                 lr=group["lr"], beta=group["momentum"], nesterov=group.get("nesterov", False), ema=self.ema,
+                 steps=group["ns_steps"], eps=group[self.eps_key], weight_decay=decay_of(group),
+                 scale=shape_scale(shape, group.get("scale", "spectral")))
 
     def elementwise_state_shapes(self, param):
         raise NotImplementedError
@@ -143,7 +137,7 @@ class Muon(_OrthogonalizedMomentum):
 
     matrix_branch, elementwise_branch = "muon", "adamw"
     eps_key, ema = "muon_eps", False
-    families = ("momentum", "newton_schulz", "apply_update", "adam")
+    families = ("orthogonalized_step", "adam")
     clipped_branches = frozenset({"adamw"})
     hparam_rules = {
         **COMMON_HPARAM_RULES,
@@ -200,7 +194,7 @@ class Scion(_OrthogonalizedMomentum):
 
     matrix_branch, elementwise_branch = "scion", "signum"
     eps_key, ema = "scion_eps", True
-    families = ("momentum", "newton_schulz", "apply_update", "signum")
+    families = ("orthogonalized_step", "signum")
     clipped_branches = frozenset({"signum"})
     hparam_rules = {
         **COMMON_HPARAM_RULES,

@@ -26,7 +26,7 @@ from fastoptim.optim.functional.common import apply_update_
 from fastoptim.optim.functional.kron import kron_balance_, kron_precondition, kron_update_preconditioner_
 from fastoptim.optim.functional.lion import lion_
 from fastoptim.optim.functional.momentum import momentum_, signum_
-from fastoptim.optim.functional.newton_schulz import newton_schulz
+from fastoptim.optim.functional.newton_schulz import newton_schulz, orthogonalized_step_
 from fastoptim.optim.functional.soap import soap_init_, soap_step_
 from fastoptim.optim.functional.sophia import sophia_, sophia_hessian_
 
@@ -41,6 +41,7 @@ PURE: dict[str, Callable] = {
     "sophia_hessian": sophia_hessian_,
     "apply_update": apply_update_,
     "newton_schulz": newton_schulz,
+    "orthogonalized_step": orthogonalized_step_,
     "soap_init": soap_init_,
     "soap_step": soap_step_,
     "kron_update_preconditioner": kron_update_preconditioner_,
@@ -90,6 +91,6 @@ def select(family: str, tensors: list, fused: bool | None) -> Callable:
     return PURE[family]
 
 
-__all__ = ["PURE", "register_fused", "select", "adam_", "mars_correction", "adam_mini_", "apply_update_",
-           "lion_", "momentum_", "signum_", "sophia_", "sophia_hessian_", "newton_schulz", "soap_init_", "soap_step_",
-           "kron_update_preconditioner_", "kron_precondition", "kron_balance_"]
+__all__ = ["PURE", "register_fused", "select", "adam_", "mars_correction", "adam_mini_", "apply_update_", "lion_",
+           "momentum_", "orthogonalized_step_", "signum_", "sophia_", "sophia_hessian_", "newton_schulz", "soap_init_",
+           "soap_step_", "kron_update_preconditioner_", "kron_precondition", "kron_balance_"]

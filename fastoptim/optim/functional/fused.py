@@ -31,3 +31,8 @@ def apply_update_(params, updates, *, lr, weight_decay):
 
 
 register_fused("apply_update", apply_update_, _op_supports)
+
+
+# Muon's / Scion's matrix-branch step: momentum in, Newton–Schulz (bfloat16 operands on the GPU, float32 on the CPU),
+# decoupled update out, as three native calls.
+register_fused("orthogonalized_step", ops.orthogonalized_step_, _op_supports)

@@ -7,6 +7,9 @@ it when the optimizer's fused switch allows (benchmark-spec §1.7, step 3–4).
 import torch
 from torch import Tensor
 
+from fastoptim.optim.functional.common import apply_update_
+from fastoptim.optim.functional.momentum import momentum_
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -31,3 +34,30 @@ def newton_schulz(
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, poly, x, beta=a)
     return x.mT if tall else x
+
+
+def orthogonalized_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr,
+    beta: float,
+    nesterov: bool,
+    ema: bool,
+    steps: int,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+) -> None:
+    """Muon's / Scion's matrix-branch step over same-shape parameters (each read as (d_out, rest)): momentum
+    (`momentum_`), Newton–Schulz on the stacked directions in float32, then w ← w − lr·(scale·O + λ·w)."""
+    if not params:
+        return
+    directions = momentum_(grads, momentum_buffers, beta=beta, nesterov=nesterov, ema=ema)
+    rows = params[0].shape[0]
+    stacked = torch.stack([d.reshape(rows, -1) for d in directions]).float()
+    # contiguous: tall matrices come back transposed, and the native update ops take contiguous tensors
+    ortho = newton_schulz(stacked, steps, eps).contiguous()
+    ortho.mul_(scale)
+    apply_update_(params, [o.view_as(p).to(p.dtype) for p, o in zip(params, ortho)], lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,66 @@
+// Newton–Schulz on the CPU: the pass in as a parallel loop over (matrix, chunk) tasks, the iteration in float32
+// through ATen's batched BLAS (at::bmm / at::baddbmm with the coefficients as alpha and beta).
+#include <torch/library.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "common/multi_tensor.h"
+#include "kernels/newton_schulz.h"
+
+namespace fastoptim::cpu {
+namespace {
+
+struct NewtonSchulzBackend {
+  template <typename B, typename G, typename O>
+  static void momentum_stack(at::TensorList buffers, at::TensorList grads, const NsMomentumMath& math,
+                             at::Tensor& out, at::Tensor& norm_sq) {
+    const int64_t numel = out.size(1) * out.size(2);
+    const int64_t chunks_per_matrix = std::max<int64_t>(1, (numel + kChunkSize - 1) / kChunkSize);
+    const int64_t tasks = static_cast<int64_t>(buffers.size()) * chunks_per_matrix;
+    // Each task sums its own squares (in double, so the order of tasks does not matter at float32 precision).
+    std::vector<double> partial(tasks, 0.0);
+    O* out_data = out.data_ptr<O>();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t matrix = task / chunks_per_matrix;
+        const int64_t start = (task % chunks_per_matrix) * kChunkSize;
+        const int64_t stop = std::min(numel, start + kChunkSize);
+        B* buf = buffers[matrix].data_ptr<B>();
+        const G* grad = grads[matrix].data_ptr<G>();
+        O* direction = out_data + matrix * numel;
+        double squares = 0.0;
+        for (int64_t i = start; i < stop; ++i) {
+          const float u = math(buf[i], grad[i]);
+          direction[i] = static_cast<O>(u);
+          squares += static_cast<double>(u) * u;
+        }
+        partial[task] = squares;
+      }
+    });
+    float* norm_sq_data = norm_sq.data_ptr<float>();
+    for (int64_t matrix = 0; matrix < static_cast<int64_t>(buffers.size()); ++matrix) {
+      const auto first = partial.begin() + matrix * chunks_per_matrix;
+      norm_sq_data[matrix] = static_cast<float>(std::accumulate(first, first + chunks_per_matrix, 0.0));
+    }
+  }
+};
+
+at::Tensor newton_schulz(const at::Tensor& x, int64_t steps, double eps, const std::optional<at::Tensor>& coefficients,
+                         const std::optional<at::Tensor>& norms, c10::string_view method) {
+  check_newton_schulz(x, eps, norms);
+  TORCH_CHECK(method == "auto" || method == "plain", "fastoptim: newton_schulz: method is '", method,
+              "'; on the CPU it must be 'auto' or 'plain' (the symmetric-tile products are CUDA only)");
+  return newton_schulz_iterate(x, steps, eps, coefficients, norms, PlainProducts{});
+}
+
+}  // namespace
+}  // namespace fastoptim::cpu
+
+TORCH_LIBRARY_IMPL(fastoptim, CPU, m) {
+  m.impl("newton_schulz_momentum_", &fastoptim::newton_schulz_momentum_<fastoptim::cpu::NewtonSchulzBackend>);
+  m.impl("newton_schulz", &fastoptim::cpu::newton_schulz);
+}
