@@ -31,8 +31,10 @@ def _(params, grads, exp_avgs, exp_avg_sqs, lr, step, beta1, beta2, eps, weight_
     if len(exp_avg_sqs) != len(params):
         raise RuntimeError(f"fastoptim: exp_avg_sqs has {len(exp_avg_sqs)} tensors but params has {len(params)}")
     for i, (p, v) in enumerate(zip(params, exp_avg_sqs)):
-        if v.layout != torch.strided or not v.is_contiguous():
-            raise RuntimeError(f"fastoptim: exp_avg_sqs[{i}] must be dense and contiguous")
+        if v.layout != torch.strided:
+            raise RuntimeError(f"fastoptim: exp_avg_sqs[{i}] is sparse; only dense tensors are supported")
+        if not v.is_contiguous():
+            raise RuntimeError(f"fastoptim: exp_avg_sqs[{i}] is not contiguous; call .contiguous() first")
         if v.device != device:
             raise RuntimeError(f"fastoptim: exp_avg_sqs[{i}] is on {v.device} but params[0] is on {device}")
         if (p.numel() % v.numel() != 0) if v.numel() > 0 else p.numel() != 0:
