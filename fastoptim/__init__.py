@@ -1,5 +1,21 @@
 """fastoptim: fast pretraining optimizers for PyTorch, and the benchmark that compares them."""
 
 from fastoptim.optim import OPTIMIZER_NAMES, build_optimizer, optimizer_class, param_groups
+from fastoptim.optim.adam import AdamW, Cautious, Mars, NAdamW
+from fastoptim.optim.adam_mini import AdamMini
+from fastoptim.optim.lion import Lion
+from fastoptim.optim.sophia import SophiaH
 
-__all__ = ["OPTIMIZER_NAMES", "build_optimizer", "optimizer_class", "param_groups"]
+__all__ = [
+    "OPTIMIZER_NAMES",
+    "build_optimizer",
+    "optimizer_class",
+    "param_groups",
+    "AdamW",
+    "NAdamW",
+    "Mars",
+    "Cautious",
+    "Lion",
+    "AdamMini",
+    "SophiaH",
+]

@@ -1,0 +1,550 @@
+"""The scalar optimizers (AdamW, NAdamW, Cautious, Mars, Lion, AdamMini, SophiaH) against the float64 reference of
+benchmark-spec §1 (tests/reference_scalar.py), torch.optim.AdamW, and torch's optimizer conventions."""
+
+import copy
+import inspect
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastoptim
+from fastoptim.optim import functional
+from fastoptim.optim.registry import build_optimizer
+from tests.reference_scalar import Reference
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: extra intra-op threads only spin (40× slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SHAPES = [(7, 5), (3,), (2, 3, 4), (1,)]
+# Hyperparameters chosen so that clipping is active (random gradients have global norm ≈ 10).
+CASES = {
+    "adamw": (fastoptim.AdamW, dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)),
+    "nadamw": (fastoptim.NAdamW, dict(lr=0.01, betas=(0.95, 0.98), eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)),
+    "cautious": (fastoptim.Cautious, dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)),
+    "mars": (
+        fastoptim.Mars,
+        dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, gamma=0.05, max_grad_norm=1.0),
+    ),
+    "lion": (fastoptim.Lion, dict(lr=0.01, betas=(0.9, 0.95), weight_decay=0.5, max_grad_norm=1.0)),
+    "mini": (fastoptim.AdamMini, dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)),
+}
+# For plain tensors Adam-mini blocks 2-D-or-more tensors per output row and sends 1-D tensors to its AdamW branch.
+MINI_BLOCKS = [7, None, 2, None]
+ALL_CLASSES = [cls for cls, _ in CASES.values()] + [fastoptim.SophiaH]
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+
+
+def random_tensors(shapes, dtype, generator):
+    return [torch.randn(s, generator=generator, dtype=dtype) for s in shapes]
+
+
+def run(opt, params, grads_seq, scheduler=None):
+    for grads in grads_seq:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def reference_group(name, params, hp):
+    group = {"params": params, **hp}
+    if name == "mini":
+        group["n_blocks"] = MINI_BLOCKS[: len(params)]
+    return group
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", CASES)
+def test_matches_float64_reference(name, dtype):
+    cls, hp = CASES[name]
+    gen = torch.Generator().manual_seed(1)
+    params = random_tensors(SHAPES, dtype, gen)
+    grads_seq = [random_tensors(SHAPES, dtype, gen) for _ in range(6)]
+    reference = Reference(name, [reference_group(name, params, hp)])
+    opt = cls(params, **hp)
+    run(opt, params, grads_seq)
+    for grads in grads_seq:
+        reference.step([grads])
+    for p, expected in zip(params, reference.groups[0]["params"]):
+        torch.testing.assert_close(p.double(), expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_adamw_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(2)
+    params = random_tensors(SHAPES, dtype, gen)
+    twins = [p.clone() for p in params]
+    grads_seq = [random_tensors(SHAPES, dtype, gen) for _ in range(6)]
+    hp = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    run(fastoptim.AdamW(params, max_grad_norm=0, **hp), params, grads_seq)
+    run(torch.optim.AdamW(twins, foreach=False, **hp), twins, grads_seq)
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_param_groups_with_different_hyperparameters(name):
+    cls, hp = CASES[name]
+    gen = torch.Generator().manual_seed(3)
+    params = random_tensors(SHAPES, torch.float64, gen)
+    other = dict(hp, lr=0.03, weight_decay=0.3, betas=(0.8, 0.9), max_grad_norm=0.0)
+    first, second = params[:2], params[2:]
+    groups = [{"params": first}, {"params": second, **other}]
+    reference = Reference(name, [reference_group(name, first, hp), reference_group(name, second, other)])
+    if name == "mini":
+        reference.groups[1]["n_blocks"] = MINI_BLOCKS[2:]
+    opt = cls(groups, **hp)
+    grads_seq = [random_tensors(SHAPES, torch.float64, gen) for _ in range(4)]
+    run(opt, params, grads_seq)
+    for grads in grads_seq:
+        reference.step([grads[:2], grads[2:]])
+    expected = reference.groups[0]["params"] + reference.groups[1]["params"]
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_lr_scheduler_drives_the_update(name):
+    cls, hp = CASES[name]
+    gen = torch.Generator().manual_seed(4)
+    params = random_tensors(SHAPES, torch.float64, gen)
+    opt = cls(params, **hp)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    grads_seq = [random_tensors(SHAPES, torch.float64, gen) for _ in range(4)]
+    reference = Reference(name, [reference_group(name, params, hp)])
+    run(opt, params, grads_seq, scheduler)
+    for step, grads in enumerate(grads_seq):
+        reference.step([grads], lrs=[hp["lr"] / (1 + step)])
+    for p, expected in zip(params, reference.groups[0]["params"]):
+        torch.testing.assert_close(p, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_tensor_lr_matches_float_lr():
+    gen = torch.Generator().manual_seed(5)
+    params = random_tensors(SHAPES, torch.float64, gen)
+    twins = [p.clone() for p in params]
+    grads_seq = [random_tensors(SHAPES, torch.float64, gen) for _ in range(3)]
+    run(fastoptim.AdamW(params, lr=torch.tensor(0.01, dtype=torch.float64)), params, grads_seq)
+    run(fastoptim.AdamW(twins, lr=0.01), twins, grads_seq)
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-15)
+
+
+# ---- Sophia: the Hutchinson estimate, its interval, and the whole loop on a quadratic with a known Hessian ----
+class Quadratic(nn.Module):
+    """loss = Σ_i ½·x_iᵀ A_i x_i + b_iᵀ x_i over a matrix and a vector parameter; Hessian A_i (flattened)."""
+
+    def __init__(self, dtype, gen):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, generator=gen, dtype=dtype))
+        self.bias = nn.Parameter(torch.randn(5, generator=gen, dtype=dtype))
+        self.hessians = []
+        for p in (self.w, self.bias):
+            root = torch.randn(p.numel(), p.numel(), generator=gen, dtype=torch.float64)
+            self.hessians.append(root @ root.T / p.numel() + torch.eye(p.numel(), dtype=torch.float64))
+        self.offsets = [torch.randn(p.numel(), generator=gen, dtype=torch.float64) for p in (self.w, self.bias)]
+
+    def forward(self):
+        total = 0
+        for p, a, b in zip((self.w, self.bias), self.hessians, self.offsets):
+            x = p.reshape(-1)
+            total = total + 0.5 * x @ a.to(p.dtype) @ x + b.to(p.dtype) @ x
+        return total
+
+    def gradients(self, values):
+        pairs = zip(values, self.hessians, self.offsets)
+        return [(a @ x.reshape(-1).double() + b).reshape(x.shape) for x, a, b in pairs]
+
+
+def test_update_hessian_is_the_hutchinson_estimate():
+    model = Quadratic(torch.float64, torch.Generator().manual_seed(6))
+    opt = fastoptim.SophiaH(model, betas=(0.9, 0.8))
+    assert opt.hessian_due
+    opt.update_hessian(model(), generator=torch.Generator().manual_seed(7))
+    probe_gen = torch.Generator().manual_seed(7)  # one N(0, I) probe per parameter, in param-group order
+    params = [p for group in opt.param_groups for p in group["params"]]
+    expected_grads = dict(zip((model.w, model.bias), model.gradients([model.w.detach(), model.bias.detach()])))
+    for p in params:
+        u = torch.randn(p.shape, generator=probe_gen, dtype=torch.float64)
+        a = model.hessians[0 if p is model.w else 1]
+        expected_estimate = u * (a @ u.reshape(-1)).reshape(p.shape)
+        torch.testing.assert_close(opt.state[p]["hessian"], 0.2 * expected_estimate, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p.grad, expected_grads[p], rtol=1e-12, atol=1e-12)
+    assert all(not p.grad.requires_grad for p in params)
+
+
+def test_hessian_due_every_update_interval_steps():
+    model = Quadratic(torch.float64, torch.Generator().manual_seed(8))
+    opt = fastoptim.SophiaH(model, update_interval=3)
+    due = []
+    for _ in range(8):
+        due.append(opt.hessian_due)
+        loss = model()
+        if opt.hessian_due:
+            opt.update_hessian(loss)
+        else:
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert due == [True, False, False, True, False, False, True, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sophia_loop_matches_float64_reference(dtype):
+    model = Quadratic(dtype, torch.Generator().manual_seed(9))
+    hp = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.1, gamma=0.5, update_interval=3,
+              clip_threshold=1.0, max_grad_norm=3.0)
+    opt = fastoptim.SophiaH([model.w, model.bias], **hp)
+    reference = Reference("sophia", [{"params": [model.w, model.bias], **hp}])
+    probes = torch.Generator().manual_seed(10)
+    reference_probes = torch.Generator().manual_seed(10)
+    for step in range(8):
+        loss = model()
+        if opt.hessian_due:
+            opt.update_hessian(loss, generator=probes)
+            us = [torch.randn(p.shape, generator=reference_probes, dtype=dtype).double() for p in (model.w, model.bias)]
+            estimates = [u * (a @ u.reshape(-1)).reshape(u.shape) for u, a in zip(us, model.hessians)]
+            reference.update_hessian([estimates])
+        else:
+            loss.backward()
+        reference.step([model.gradients(reference.groups[0]["params"])])
+        opt.step()
+        opt.zero_grad()
+    for p, expected in zip((model.w, model.bias), reference.groups[0]["params"]):
+        torch.testing.assert_close(p.detach().double(), expected, **tolerance(dtype))
+
+
+# ---- state_dict, models, routing ----
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_state_dict_round_trip_continues_bitwise(cls):
+    gen = torch.Generator().manual_seed(11)
+    params = random_tensors(SHAPES, torch.float32, gen)
+    grads_seq = [random_tensors(SHAPES, torch.float32, gen) for _ in range(6)]
+    opt = cls(params, lr=0.01)
+    run(opt, params, grads_seq[:3])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    resumed_params = [p.clone() for p in params]
+    run(opt, params, grads_seq[3:])
+
+    resumed = cls(resumed_params, lr=0.5)  # the saved group options win, as in torch
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    run(resumed, resumed_params, grads_seq[3:])
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+    for p, q in zip(params, resumed_params):
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, resumed.state[q][key]), key
+
+
+class TinyLM(nn.Module):
+    """One pre-norm attention block with the model contract's names (embed_tokens, attn.{q,k,v,o}_proj with
+    n_heads/head_dim, RMSNorm, lm_head)."""
+
+    def __init__(self, vocab=16, dim=8, n_heads=2):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.attn_norm = nn.RMSNorm(dim)
+        self.attn = nn.Module()
+        self.attn.n_heads, self.attn.head_dim = n_heads, dim // n_heads
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.attn, proj, nn.Linear(dim, dim, bias=False))
+        self.mlp = nn.Module()
+        self.mlp.up_proj = nn.Linear(dim, dim)  # with a bias, to check the routing of biases
+        self.norm = nn.RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed_tokens(tokens)
+        h = self.attn_norm(x)
+        batch, length, dim = h.shape
+        heads = [
+            proj(h).view(batch, length, self.attn.n_heads, self.attn.head_dim).transpose(1, 2)
+            for proj in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)
+        ]
+        q, k, v = heads  # explicit attention: SophiaH needs double backward, which CPU SDPA lacks
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.attn.head_dim)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        attended = scores.masked_fill(~causal, -math.inf).softmax(-1) @ v
+        x = x + self.attn.o_proj(attended.transpose(1, 2).reshape(batch, length, dim))
+        x = x + self.mlp.up_proj(torch.tanh(x))
+        return self.lm_head(self.norm(x))
+
+
+LOSS_FALLS_LR = {"AdamW": 0.02, "NAdamW": 0.02, "Cautious": 0.02, "Mars": 0.02, "Lion": 0.005, "AdamMini": 0.02,
+                 "SophiaH": 0.01}
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_tiny_model_loss_falls(cls):
+    torch.manual_seed(12)
+    model = TinyLM()
+    tokens = torch.arange(16).repeat(4, 2)[:, :24]
+    opt = cls(model, lr=LOSS_FALLS_LR[cls.__name__], weight_decay=0.0)
+    losses = []
+    for _ in range(40):
+        logits = model(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 16), tokens[:, 1:].reshape(-1))
+        losses.append(loss.item())
+        if getattr(opt, "hessian_due", False):
+            opt.update_hessian(loss)
+        else:
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_module_weight_decay_mask(cls):
+    """With zero gradients only decay moves a parameter: decayed ones shrink by (1 − lr·λ), the rest stay."""
+    model = TinyLM().double()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt = cls(model, lr=0.1, weight_decay=0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        decayed = not any(s in name for s in ("embed", "norm", "bias"))
+        expected = before[name] * (1 - 0.05) if decayed else before[name]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-14, atol=0, msg=name)
+
+
+def test_adam_mini_blocks_on_a_model_match_the_reference():
+    torch.manual_seed(13)
+    model = TinyLM().double()
+    hp = dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, max_grad_norm=0.5)
+    opt = fastoptim.AdamMini(model, **hp)
+    # spec §1.6: q/k per head, other matrices and embedding/head per row; norms and biases → AdamW branch
+    blocks = {"embed_tokens.weight": 16, "attn.q_proj.weight": 2, "attn.k_proj.weight": 2, "attn.v_proj.weight": 8,
+              "attn.o_proj.weight": 8, "mlp.up_proj.weight": 8, "lm_head.weight": 16}
+    names = [name for name, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    decay = [not any(s in n for s in ("embed", "norm", "bias")) for n in names]
+    reference = Reference("mini", [
+        {"params": [p], **hp, "n_blocks": [blocks.get(n)], "decay": d} for n, p, d in zip(names, params, decay)
+    ])
+    gen = torch.Generator().manual_seed(14)
+    grads_seq = [[torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params] for _ in range(4)]
+    run(opt, params, grads_seq)
+    for grads in grads_seq:
+        reference.step([[g] for g in grads])
+    for name, p, group in zip(names, params, reference.groups):
+        expected_v = (blocks[name],) if name in blocks else tuple(p.shape)
+        assert tuple(opt.state[p]["exp_avg_sq"].shape) == expected_v, name
+        torch.testing.assert_close(p.detach(), group["params"][0], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_build_optimizer_flat_betas_and_unknown_key():
+    model = TinyLM()
+    opt = build_optimizer("nadamw", model, {"lr": 0.004, "beta1": 0.8, "max_grad_norm": 2.0})
+    assert isinstance(opt, fastoptim.NAdamW)
+    assert all(g["betas"] == (0.8, 0.98) and g["max_grad_norm"] == 2.0 for g in opt.param_groups)
+    with pytest.raises(ValueError, match="warmupp"):
+        build_optimizer("adamw", model, {"warmupp": 3})
+
+
+# ---- the fused switch ----
+def test_fused_switch_selects_the_registered_native_core(monkeypatch):
+    calls = []
+
+    def native_lion(params, grads, exp_avgs, **scalars):
+        calls.append(len(params))
+        functional.PURE["lion"](params, grads, exp_avgs, **scalars)
+
+    monkeypatch.setattr(functional, "_FUSED", {})
+    monkeypatch.setattr(functional, "_fused_loaded", True)
+    params = [torch.randn(3)]
+    params[0].grad = torch.randn(3)
+    fastoptim.Lion(params, fused=False).step()
+    with pytest.raises(RuntimeError, match="fused=True.*'lion'"):
+        fastoptim.Lion(params, fused=True)
+    fastoptim.Lion(params).step()  # auto without a native op: pure torch
+    assert calls == []
+    functional.register_fused("lion", native_lion, supports=lambda tensors: all(t.ndim == 1 for t in tensors))
+    fastoptim.Lion(params).step()
+    fastoptim.Lion(params, fused=True).step()
+    assert calls == [1, 1]
+    matrices = [torch.randn(2, 2)]
+    matrices[0].grad = torch.randn(2, 2)
+    fastoptim.Lion(matrices).step()  # auto: the native op declines these tensors
+    assert calls == [1, 1]
+    with pytest.raises(RuntimeError, match="does not support"):
+        fastoptim.Lion(matrices, fused=True)
+    with pytest.raises(ValueError, match="fused"):
+        fastoptim.Lion(params, fused="yes")
+
+
+# ---- bad input: a clear error naming the culprit, nothing written ----
+def snapshot(opt, params):
+    """Copies of `params` and of their optimizer state."""
+    states = [{key: value.clone() for key, value in opt.state[p].items()} for p in params]
+    return [p.detach().clone() for p in params], states
+
+
+def assert_untouched(opt, params, saved):
+    saved_params, saved_states = saved
+    for p, q, saved_state in zip(params, saved_params, saved_states):
+        assert torch.equal(p.detach(), q)
+        assert opt.state[p].keys() == saved_state.keys()
+        for key, value in saved_state.items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
+def break_sparse(opt, params):
+    params[-1].grad = params[-1].grad.to_sparse()
+
+
+def break_complex(opt, params):
+    """A complex parameter (with its complex gradient) in place of the last one."""
+    z = torch.complex(params[-1].detach(), params[-1].detach())
+    z.grad = z.clone()
+    opt.param_groups[-1]["params"][-1] = z
+
+
+def break_grad_shape(opt, params):
+    params[-1].grad.set_(torch.zeros(2, 2, 2))
+
+
+def break_state_dtype(opt, params):
+    params[-1].data = params[-1].data.double()
+    params[-1].grad = params[-1].grad.double()
+
+
+def break_state_device(opt, params):
+    state = opt.state[params[-1]]
+    for key in state:
+        if key != "step":
+            state[key] = state[key].to("meta")
+
+
+def break_lr_nan(opt, params):
+    opt.param_groups[-1]["lr"] = math.nan
+
+
+def break_lr_negative(opt, params):
+    opt.param_groups[-1]["lr"] = -0.1
+
+
+def break_betas(opt, params):
+    opt.param_groups[-1]["betas"] = (0.9, 1.0)
+
+
+BREAKAGES = {
+    "sparse": (break_sparse, "sparse"),
+    "complex": (break_complex, "complex"),
+    "grad shape": (break_grad_shape, r"gradient is .*\(2, 2, 2\)"),
+    "state dtype": (break_state_dtype, r"state\[.*float32.*float64"),
+    "state device": (break_state_device, "meta"),
+    "lr nan": (break_lr_nan, "lr=nan"),
+    "lr negative": (break_lr_negative, "lr=-0.1"),
+    "betas": (break_betas, r"betas=\(0.9, 1.0\)"),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_bad_input_raises_and_leaves_params_and_state_untouched(cls, breakage):
+    gen = torch.Generator().manual_seed(15)
+    params = random_tensors([(4, 3), (5,), (2, 6)], torch.float32, gen)
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}], lr=0.01)
+    run(opt, params, [random_tensors([(4, 3), (5,), (2, 6)], torch.float32, gen)])
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    break_it, message = BREAKAGES[breakage]
+    break_it(opt, params)
+    saved = snapshot(opt, params[:-1])
+    with pytest.raises(ValueError, match=message) as error:
+        opt.step()
+    hyperparameter = breakage in ("lr nan", "lr negative", "betas")
+    culprit = f"param_groups[{len(opt.param_groups) - 1}]" if hyperparameter else "(shape (2, 6))"
+    assert culprit in str(error.value)
+    assert_untouched(opt, params[:-1], saved)
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_state_loaded_for_another_model_is_refused(cls):
+    gen = torch.Generator().manual_seed(16)
+    donor_params = random_tensors([(4, 3), (6,)], torch.float32, gen)
+    donor = cls(donor_params)
+    run(donor, donor_params, [random_tensors([(4, 3), (6,)], torch.float32, gen)])
+    params = random_tensors([(4, 3), (5,)], torch.float32, gen)
+    opt = cls(params)
+    opt.load_state_dict(donor.state_dict())
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    saved = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"\(shape \(5,\)\): state\[.*shape \(6,\)"):
+        opt.step()
+    assert_untouched(opt, params, saved)
+
+
+BAD_HYPERPARAMETERS = [
+    ("lr", math.nan, "lr=nan"),
+    ("lr", -1.0, "lr=-1.0"),
+    ("lr", "0.1", "lr='0.1'"),
+    ("lr", torch.tensor([0.1]), "0-dim"),
+    ("betas", (1.0, 0.9), "betas"),
+    ("betas", (0.9, -0.1), "betas"),
+    ("eps", -1e-8, "eps"),
+    ("weight_decay", -0.1, "weight_decay"),
+    ("max_grad_norm", math.inf, "max_grad_norm"),
+    ("gamma", -0.01, "gamma"),
+    ("update_interval", 0, "update_interval"),
+    ("update_interval", 2.5, "update_interval"),
+    ("clip_threshold", 0.0, "clip_threshold"),
+]
+
+
+@pytest.mark.parametrize(
+    "cls, option, value, message",
+    [
+        pytest.param(cls, *case, id=f"{cls.__name__}-{case[0]}-{case[1]}")
+        for cls in ALL_CLASSES
+        for case in BAD_HYPERPARAMETERS
+        if case[0] in inspect.signature(cls).parameters
+    ],
+)
+def test_bad_hyperparameter_at_construction(cls, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        cls([torch.randn(3)], **{option: value})
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_unknown_option_is_named(cls):
+    with pytest.raises(TypeError, match="'betaz'"):
+        cls([torch.randn(3)], betaz=(0.9, 0.9))
+    with pytest.raises(ValueError, match="param_groups\\[1\\].*'momentumm'"):
+        cls([{"params": [torch.randn(3)]}, {"params": [torch.randn(2)], "momentumm": 0.9}])
+
+
+def test_check_finite_names_the_parameter_before_writing():
+    model = TinyLM()
+    opt = fastoptim.AdamW(model, check_finite=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model.lm_head.weight.grad[0, 0] = math.inf
+    params = list(model.parameters())
+    saved = snapshot(opt, params)
+    with pytest.raises(FloatingPointError, match="'lm_head.weight'"):
+        opt.step()
+    assert_untouched(opt, params, saved)
+    warns = fastoptim.AdamW(model, check_finite="warn")
+    with pytest.warns(RuntimeWarning, match="'lm_head.weight'"):
+        warns.step()
