@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastoptim.ops  # noqa: F401  (loads the library and registers the fakes)
-from elementwise_cases import ALL_OPS, NORM_OPS, UPDATE_OPS, build, tensor_lists
+from tests.elementwise_cases import ALL_OPS, NORM_OPS, UPDATE_OPS, build, tensor_lists
 
 
 def op_of(name):
@@ -58,6 +58,7 @@ def test_fake_tensor_mode_runs_the_fake_with_its_checks(rng, name):
 
 @pytest.mark.parametrize("name", ALL_OPS)
 def test_compiles_fullgraph_and_matches_eager(device, rng, name):
+    torch._dynamo.reset()  # one `call` code object serves every op: start each from a clean compile cache
     args = build(name, device, rng)
     eager = tuple([t.clone() for t in a] if isinstance(a, list) else a for a in args)
 
@@ -123,11 +124,12 @@ def test_state_in_another_dtype_than_float32_or_params_is_refused(rng):
         op_of("adamw_")(*args)
 
 
-@pytest.mark.parametrize("name", UPDATE_OPS)
+# sophia_hessian_ takes lists only: with all of them empty the dispatcher has no device to go by, so its wrapper
+# (fastoptim.ops.sophia_hessian_) returns before calling it; the others still have their lr on a device.
+@pytest.mark.parametrize("name", [n for n in UPDATE_OPS if n != "sophia_hessian_"])
 def test_empty_lists_do_nothing(name):
-    n_lists = len(tensor_lists(build(name, "cpu", torch.Generator())))
     args = list(build(name, "cpu", torch.Generator()))
-    for position in range(n_lists):
+    for position, _ in tensor_lists(args):
         args[position] = []
     op_of(name)(*args)
 

@@ -23,6 +23,15 @@ def sign_step(p, u, lr, wd):
     return p.double() - lr * (u + wd * p.double())
 
 
+def assert_sign_step_close(got, want, signed, lr):
+    """Parameters after a sign step: where the value whose sign was taken is within float32 rounding of zero, the
+    kernel (float32) and the reference (float64) may pick different signs, so there the step may differ by 2·lr."""
+    tol = TOLERANCE[got.dtype]
+    ambiguous = signed.abs() < 1e-5
+    torch.testing.assert_close(got.double()[~ambiguous], want[~ambiguous], rtol=tol, atol=tol)
+    assert ((got.double() - want)[ambiguous].abs() <= 2 * lr + tol * (1 + want[ambiguous].abs())).all()
+
+
 @pytest.mark.parametrize("param_dtype, state_dtype", DTYPES)
 def test_lion_matches_float64_reference(device, rng, param_dtype, state_dtype):
     params, grads = lists(SHAPES, param_dtype, device, rng), lists(SHAPES, param_dtype, device, rng)
@@ -31,12 +40,12 @@ def test_lion_matches_float64_reference(device, rng, param_dtype, state_dtype):
     expected = []
     for p, g, mi in zip(params, grads, m):
         g64, m64 = g.double() * scale, mi.double()
-        u = torch.sign(beta1 * m64 + (1 - beta1) * g64)
-        expected.append((sign_step(p, u, lr, wd), beta2 * m64 + (1 - beta2) * g64))
+        signed = beta1 * m64 + (1 - beta1) * g64
+        expected.append((sign_step(p, torch.sign(signed), lr, wd), beta2 * m64 + (1 - beta2) * g64, signed))
     ops.lion_(params, grads, m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, grad_scale=scale)
-    for got, want in zip(zip(params, m), expected):
-        for x, y in zip(got, want):
-            assert_close(x, y)
+    for p, mi, (want_p, want_m, signed) in zip(params, m, expected):
+        assert_sign_step_close(p, want_p, signed, lr)
+        assert_close(mi, want_m)
 
 
 @pytest.mark.parametrize("param_dtype, state_dtype", DTYPES)
@@ -47,12 +56,11 @@ def test_signum_matches_float64_reference(device, rng, param_dtype, state_dtype)
     expected = []
     for p, g, b in zip(params, grads, bufs):
         b64 = beta * b.double() + (1 - beta) * g.double()
-        # the sign is taken of the buffer as stored, so compare against the buffer rounded to its dtype
-        expected.append((sign_step(p, torch.sign(b64.to(state_dtype).double()), lr, wd), b64))
+        expected.append((sign_step(p, torch.sign(b64), lr, wd), b64))
     ops.signum_(params, grads, bufs, lr=lr, beta=beta, weight_decay=wd)
-    for got, want in zip(zip(params, bufs), expected):
-        for x, y in zip(got, want):
-            assert_close(x, y)
+    for p, b, (want_p, want_b) in zip(params, bufs, expected):
+        assert_sign_step_close(p, want_p, want_b, lr)
+        assert_close(b, want_b)
 
 
 @pytest.mark.parametrize("grad_dtype, state_dtype", DTYPES)

@@ -94,7 +94,10 @@ def test_adamw_matches_torch(dtype):
     run(fastoptim.AdamW(params, max_grad_norm=0, **hp), params, grads_seq)
     run(torch.optim.AdamW(twins, foreach=False, **hp), twins, grads_seq)
     for p, q in zip(params, twins):
-        torch.testing.assert_close(p, q, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+        # float32: the fused kernel rounds w·(1 − lr·λ) − lr·u once where torch rounds each stage; elements that
+        # nearly cancel differ by a few ulps of the terms, hence a small atol.
+        torch.testing.assert_close(p, q, rtol=1e-12 if dtype == torch.float64 else 1e-6,
+                                   atol=0 if dtype == torch.float64 else 1e-7)
 
 
 @pytest.mark.parametrize("name", CASES)

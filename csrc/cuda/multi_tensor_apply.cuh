@@ -60,9 +60,6 @@ struct SegmentListMetadata : TensorListMetadata<Depth, kMaxTensorsPerLaunch[Dept
   }
 };
 
-static_assert(sizeof(TensorListMetadata<1>) <= kMaxMetadataBytes && sizeof(TensorListMetadata<6>) <= kMaxMetadataBytes);
-static_assert(sizeof(SegmentListMetadata<1>) <= kMaxMetadataBytes && sizeof(SegmentListMetadata<5>) <= kMaxMetadataBytes);
-
 // Sum of `value` over the block (blockDim.x == kBlockSize); the result is valid in thread 0. Ends with a barrier,
 // so it may be called again at once.
 template <typename T>
@@ -173,6 +170,7 @@ __global__ void __launch_bounds__(kBlockSize)
 // t)` writes its addresses into a metadata slot, `launch(meta, blocks, chunk_base)` runs one kernel.
 template <typename Meta, typename Chunks, typename Fill, typename Launch>
 void pack_and_launch(size_t n_tensors, const Chunks& chunks, const Fill& fill, const Launch& launch) {
+  static_assert(sizeof(Meta) <= kMaxMetadataBytes, "launch metadata too large for the kernel argument limit");
   Meta meta;
   int tensors = 0;
   int blocks = 0;
