@@ -8,9 +8,31 @@ Environment:
 
 import glob
 import os
+import re
+import shutil
+import subprocess
 
 from setuptools import setup
-from torch.utils import cpp_extension
+
+
+def resolve_cuda_home():
+    """Point CUDA_HOME at the toolkit behind the nvcc on PATH.
+
+    torch guesses CUDA_HOME as the folder above nvcc; where nvcc is a wrapper or a link (/usr/local/bin/nvcc), that
+    guess is /usr/local, whose lib/ has no libcudart, and the link fails. nvcc's dry run names its real toolkit
+    (TOP=...). Done before torch reads CUDA_HOME.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or not shutil.which("nvcc"):
+        return
+    dry_run = subprocess.run(["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    top = re.search(r"^#\$ TOP=(.+)$", dry_run, re.MULTILINE)
+    if top:
+        os.environ["CUDA_HOME"] = os.path.normpath(top.group(1).strip())
+
+
+resolve_cuda_home()
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
@@ -49,7 +71,7 @@ def extension():
     sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "module.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     with_cuda, why_not = cuda_decision()
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-g0", "-fopenmp"]  # -g0: Python's default flags ask for debug info, which triples compile time
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         print(f"\n*** fastoptim: building CPU kernels only; CUDA kernels were NOT built ({why_not}). ***\n")

@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastoptim.ops  # noqa: F401  (loads the library and registers the fakes)
-from tests.elementwise_cases import ALL_OPS, NORM_OPS, UPDATE_OPS, build, tensor_lists
+from elementwise_cases import ALL_OPS, NORM_OPS, UPDATE_OPS, build, tensor_lists
 
 
 def op_of(name):

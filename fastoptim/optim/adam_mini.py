@@ -10,10 +10,14 @@ _ADAMW_KINDS = frozenset({"norm", "bias", "other"})
 
 def head_blocks(model: nn.Module) -> dict[torch.Tensor, int]:
     """Block counts of attention projections whose blocks are heads: q_proj and k_proj of every module that has
-    an int ``head_dim`` (the model contract: out-first weights, head h owning rows h·head_dim … (h+1)·head_dim)."""
+    an int ``head_dim`` (the model contract; else ``n_heads`` with head_dim = q_proj rows / n_heads). Weights are
+    out-first, head h owning rows h·head_dim … (h+1)·head_dim, so k_proj of a GQA model gets its kv-head count."""
     counts = {}
     for name, module in model.named_modules():
-        head_dim = getattr(module, "head_dim", None)
+        head_dim, n_heads = getattr(module, "head_dim", None), getattr(module, "n_heads", None)
+        query = getattr(module, "q_proj", None)
+        if not isinstance(head_dim, int) and isinstance(n_heads, int) and isinstance(query, nn.Linear):
+            head_dim = query.weight.shape[0] // n_heads
         if not isinstance(head_dim, int) or head_dim <= 0:
             continue
         for proj in ("q_proj", "k_proj"):
@@ -33,7 +37,7 @@ class AdamMini(BaseOptimizer):
     Blocks (out-first weights), for an nn.Module:
 
     ======================================  ===============================================
-    q_proj, k_proj (module with head_dim)   per head (rows // head_dim blocks)
+    q_proj, k_proj (module with head_dim)   per head (rows // head_dim blocks; or n_heads)
     v_proj, o_proj, MLP linears, other 2-D  per output row
     embeddings, lm_head                     per row (token)
     norm weights, biases, other 1-D         plain AdamW branch (per-element v)

@@ -179,11 +179,8 @@ class BaseOptimizer(torch.optim.Optimizer):
                 self.add_param_group(routed)
             return
         param_group.setdefault("weight_decay_mask", True)
-        for name in param_group.get("names", ()):
-            if not isinstance(name, str):
-                raise ValueError(f"param_groups[{index}]: names must be strings, got {name!r}")
+        self._check_hparams({**self.defaults, **param_group}, index)  # before the group joins the optimizer
         super().add_param_group(param_group)
-        self._check_hparams(self.param_groups[-1], index)
 
     def _check_hparams(self, group: dict, index: int) -> None:
         for key, rule in self.hparam_rules.items():

@@ -12,7 +12,9 @@ Conventions shared by every core:
   ``w ← w − lr·(u + λ·w)`` (apply_update_).
 - ``grad_scale`` is the global-norm clip factor (a 0-dim tensor from base.global_clip_scale) or None. It scales
   the gradient as the core reads it; ``p.grad`` itself is never modified.
-- ``steps`` are the per-parameter 0-dim float32 CPU step counters; cores that bias-correct increment them.
+- ``steps`` are the per-parameter 0-dim float32 CPU step counters; cores that bias-correct increment them and
+  read them on the host. So the pure cores of bias-corrected families are not CUDA-graph capturable (a captured
+  step would replay its first bias correction); Lion, signum and momentum are. Native cores read device scalars.
 """
 
 import importlib

@@ -18,12 +18,16 @@ from fastoptim.optim.functional.common import advance
 
 
 def supports(tensors) -> bool:
-    """Dense, contiguous float32/bfloat16/float16 tensors on the CPU, or on a GPU when the CUDA kernels are built."""
-    return all(
-        t.layout == torch.strided
-        and t.is_contiguous()
-        and t.dtype in FLOAT_DTYPES
-        and (t.device.type == "cpu" or (t.device.type == "cuda" and ops.CUDA_KERNELS_BUILT))
+    """Dense, contiguous float32/bfloat16/float16 tensors of one dtype on one device: the CPU, or a GPU when the
+    CUDA kernels are built."""
+    if not tensors:
+        return True
+    first = tensors[0]
+    if first.device.type == "cuda" and not ops.CUDA_KERNELS_BUILT:
+        return False
+    return first.device.type in ("cpu", "cuda") and all(
+        t.layout == torch.strided and t.is_contiguous() and t.dtype == first.dtype and t.dtype in FLOAT_DTYPES
+        and t.device == first.device
         for t in tensors
     )
 
