@@ -3,7 +3,10 @@
 from fastoptim.optim import OPTIMIZER_NAMES, build_optimizer, optimizer_class, param_groups
 from fastoptim.optim.adam import AdamW, Cautious, Mars, NAdamW
 from fastoptim.optim.adam_mini import AdamMini
+from fastoptim.optim.kron import Kron
 from fastoptim.optim.lion import Lion
+from fastoptim.optim.muon import Muon, Scion
+from fastoptim.optim.soap import Soap
 from fastoptim.optim.sophia import SophiaH
 
 __all__ = [
@@ -17,5 +20,9 @@ __all__ = [
     "Cautious",
     "Lion",
     "AdamMini",
+    "Muon",
+    "Scion",
+    "Kron",
+    "Soap",
     "SophiaH",
 ]

@@ -23,8 +23,11 @@ from collections.abc import Callable
 from fastoptim.optim.functional.adam import adam_, mars_correction
 from fastoptim.optim.functional.adam_mini import adam_mini_
 from fastoptim.optim.functional.common import apply_update_
+from fastoptim.optim.functional.kron import kron_balance_, kron_precondition, kron_update_preconditioner_
 from fastoptim.optim.functional.lion import lion_
 from fastoptim.optim.functional.momentum import momentum_, signum_
+from fastoptim.optim.functional.newton_schulz import newton_schulz
+from fastoptim.optim.functional.soap import soap_init_, soap_step_
 from fastoptim.optim.functional.sophia import sophia_, sophia_hessian_
 
 PURE: dict[str, Callable] = {
@@ -37,6 +40,12 @@ PURE: dict[str, Callable] = {
     "sophia": sophia_,
     "sophia_hessian": sophia_hessian_,
     "apply_update": apply_update_,
+    "newton_schulz": newton_schulz,
+    "soap_init": soap_init_,
+    "soap_step": soap_step_,
+    "kron_update_preconditioner": kron_update_preconditioner_,
+    "kron_precondition": kron_precondition,
+    "kron_balance": kron_balance_,
 }
 
 # family -> (native core, supports(tensors) -> bool)
@@ -82,4 +91,5 @@ def select(family: str, tensors: list, fused: bool | None) -> Callable:
 
 
 __all__ = ["PURE", "register_fused", "select", "adam_", "mars_correction", "adam_mini_", "apply_update_",
-           "lion_", "momentum_", "signum_", "sophia_", "sophia_hessian_"]
+           "lion_", "momentum_", "signum_", "sophia_", "sophia_hessian_", "newton_schulz", "soap_init_", "soap_step_",
+           "kron_update_preconditioner_", "kron_precondition", "kron_balance_"]
