@@ -8,7 +8,8 @@ import torch
 from fastoptim.optim import functional
 from fastoptim.optim.registry import optimizer_class
 
-ELEMENTWISE = ["adamw", "nadamw", "cautious", "mars", "lion", "mini", "sophia"]
+# Muon and Scion: their momentum, their AdamW/signum branch and their update run on the elementwise ops.
+ELEMENTWISE = ["adamw", "nadamw", "cautious", "mars", "lion", "mini", "sophia", "muon", "scion"]
 # Shapes of a small model: matrices (the blocked branch of Adam-mini), a 3-D weight, vectors, one odd length.
 SHAPES = [(16, 8), (8,), (3, 5, 7), (33,)]
 STEPS = 4
