@@ -141,3 +141,15 @@ def test_mixed_devices_refused(rng, name):
     args[1] = [args[1][0], args[1][1].cuda()]
     with pytest.raises(RuntimeError, match=rf"{arg_names(name)[1]}\[1\] is on cuda"):
         op_of(name)(*args)
+
+
+def test_sparse_tensors_are_refused_by_name_before_the_dispatcher(rng):
+    # The dispatcher has no kernel for sparse tensors, so the Python wrappers refuse them, naming the argument.
+    params, grads = [torch.randn(4, generator=rng)], [torch.randn(4, generator=rng)]
+    m, v = [torch.zeros(4)], [torch.zeros(4)]
+    before = params[0].clone()
+    with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] is sparse"):
+        fastoptim.ops.adamw_(params, grads, m, [v[0].to_sparse()], lr=0.1, step=1, beta1=0.9, beta2=0.99, eps=1e-8)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] is sparse"):
+        fastoptim.ops.clip_scale([grads[0].to_sparse()], 1.0)
+    assert torch.equal(params[0], before)

@@ -23,9 +23,10 @@ inline std::string dtype_name(at::ScalarType dtype) {
   }
 }
 
-// Every list has the same length as the first; every tensor is dense, contiguous and on the device of the first
+// Every list has the same length as the first; every tensor is contiguous and on the device of the first
 // list's first tensor, which is returned (nullopt when the lists are empty: the op has nothing to do); the i-th
 // tensors of all lists hold the same number of elements.
+// (Sparse tensors never get here: the dispatcher has no kernel for them; fastoptim/ops refuses them by name.)
 inline std::optional<at::Device> check_tensor_lists(c10::ArrayRef<NamedList> lists) {
   const auto& [first_name, first] = *lists.begin();
   for (const auto& [name, list] : lists) {
@@ -37,8 +38,6 @@ inline std::optional<at::Device> check_tensor_lists(c10::ArrayRef<NamedList> lis
   for (const auto& [name, list] : lists) {
     for (size_t i = 0; i < list.size(); ++i) {
       const at::Tensor& t = list[i];
-      TORCH_CHECK(t.layout() == at::kStrided, "fastoptim: ", name, "[", i,
-                  "] is sparse; only dense tensors are supported");
       TORCH_CHECK(t.device() == device, "fastoptim: ", name, "[", i, "] is on ", t.device(), " but ", first_name,
                   "[0] is on ", device, "; all tensors of one call must share a device");
       TORCH_CHECK(t.is_contiguous(), "fastoptim: ", name, "[", i, "] is not contiguous; call .contiguous() first");

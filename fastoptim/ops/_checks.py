@@ -6,6 +6,14 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def check_dense(**lists):
+    """Sparse tensors never reach a kernel (the dispatcher has none for them), so wrappers refuse them by name."""
+    for name, tensors in lists.items():
+        for i, t in enumerate(tensors):
+            if t.layout != torch.strided:
+                raise RuntimeError(f"fastoptim: {name}[{i}] is sparse; only dense tensors are supported")
+
+
 def check_tensor_lists(**lists):
     """Lists of equal length, dense, contiguous, on one device, i-th tensors of equal numel; returns the device."""
     (first_name, first), *_ = lists.items()
@@ -14,11 +22,10 @@ def check_tensor_lists(**lists):
             raise RuntimeError(f"fastoptim: {name} has {len(tensors)} tensors but {first_name} has {len(first)}")
     if not first:
         return None
+    check_dense(**lists)
     device = first[0].device
     for name, tensors in lists.items():
         for i, t in enumerate(tensors):
-            if t.layout != torch.strided:
-                raise RuntimeError(f"fastoptim: {name}[{i}] is sparse; only dense tensors are supported")
             if t.device != device:
                 raise RuntimeError(f"fastoptim: {name}[{i}] is on {t.device} but {first_name}[0] is on {device}")
             if not t.is_contiguous():

@@ -3,13 +3,15 @@ csrc/kernels/step_math.h raises, in the same words."""
 
 import torch
 
-from fastoptim.ops._checks import FLOAT_DTYPES, check_float_dtype, check_scalar, check_tensor_lists
+from fastoptim.ops._checks import FLOAT_DTYPES, check_dense, check_float_dtype, check_scalar, check_tensor_lists
 from fastoptim.ops._scalars import step_scalar
 
 
-def device_of(*lists):
-    """The device of the first tensor of the first non-empty list, or None when all are empty."""
-    return next((tensors[0].device for tensors in lists if tensors), None)
+def device_of(**lists):
+    """The device of the first tensor of the first non-empty list, or None when all are empty. Refuses sparse
+    tensors by name first: the dispatcher has no kernel for them, so they would never reach the op's checks."""
+    check_dense(**lists)
+    return next((tensors[0].device for tensors in lists.values() if tensors), None)
 
 
 def optional_scalar(value, device):

@@ -16,7 +16,7 @@ from fastoptim.ops._step_checks import check_update_call, device_of, optional_sc
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, step, beta1, beta2, eps, weight_decay=0.0, nesterov=False,
            grad_scale=None):
     """AdamW; with ``nesterov``, NAdamW's numerator β1·m/(1−β1^(t+1)) + (1−β1)·g/(1−β1^t)."""
-    device = device_of(params, grads, exp_avgs, exp_avg_sqs)
+    device = device_of(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     if device is None:
         return
     torch.ops.fastoptim.adamw_(
@@ -29,7 +29,7 @@ def cautious_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, step, beta1, be
                     nesterov=False, grad_scale=None):
     """Cautious AdamW: u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε), the mean per tensor (g clipped); ``nesterov`` masks
     NAdamW's direction instead."""
-    device = device_of(params, grads, exp_avgs, exp_avg_sqs)
+    device = device_of(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     if device is None:
         return
     torch.ops.fastoptim.cautious_adamw_(
@@ -42,7 +42,7 @@ def mars_adamw_(params, grads, prev_grads, exp_avgs, exp_avg_sqs, *, lr, step, b
                 weight_decay=0.0, grad_scale=None):
     """Mars: AdamW on c = grad_scale·(g + γ·β1/(1−β1)·(g − g_prev)), then g_prev ← g. Its clip factor comes from
     ``mars_clip_scale`` (the norm of c, not of g)."""
-    device = device_of(params, grads, prev_grads, exp_avgs, exp_avg_sqs)
+    device = device_of(params=params, grads=grads, prev_grads=prev_grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     if device is None:
         return
     torch.ops.fastoptim.mars_adamw_(

@@ -14,7 +14,7 @@ from fastoptim.ops._step_checks import check_state_dtype, check_update_call, dev
 
 def adam_mini_(params, grads, exp_avgs, exp_avg_sqs, *, lr, step, beta1, beta2, eps, weight_decay=0.0,
                grad_scale=None):
-    device = device_of(params, grads, exp_avgs, exp_avg_sqs)
+    device = device_of(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     if device is None:
         return
     torch.ops.fastoptim.adam_mini_(

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fastoptim.ops._checks import FLOAT_DTYPES, check_float_dtype, check_tensor_lists
+from fastoptim.ops._checks import FLOAT_DTYPES, check_dense, check_float_dtype, check_tensor_lists
 from fastoptim.ops._step_checks import check_state_dtype
 
 
@@ -15,6 +15,7 @@ def clip_scale(tensors, max_norm):
     to clip (``max_norm`` 0 or no tensors)."""
     if max_norm == 0 or not tensors:
         return None
+    check_dense(tensors=tensors)
     return torch.ops.fastoptim.clip_scale(list(tensors), max_norm)
 
 
@@ -22,6 +23,7 @@ def mars_clip_scale(grads, prev_grads, *, gamma, beta1, max_norm):
     """The clip factor of Mars's corrected gradient c = g + γ·β1/(1−β1)·(g − g_prev), or None (as clip_scale)."""
     if max_norm == 0 or not grads:
         return None
+    check_dense(grads=grads, prev_grads=prev_grads)
     return torch.ops.fastoptim.mars_clip_scale(list(grads), list(prev_grads), gamma, beta1, max_norm)
 
 

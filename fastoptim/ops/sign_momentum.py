@@ -14,7 +14,7 @@ from fastoptim.ops._step_checks import check_state_dtype, check_update_call, dev
 
 def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay=0.0, grad_scale=None):
     """u = sign(β1·m + (1−β1)·g); m ← β2·m + (1−β2)·g; w ← w − lr·(u + λ·w)."""
-    device = device_of(params, grads, exp_avgs)
+    device = device_of(params=params, grads=grads, exp_avgs=exp_avgs)
     if device is None:
         return
     torch.ops.fastoptim.lion_(list(params), list(grads), list(exp_avgs), step_scalar(lr, device), beta1, beta2,
@@ -23,7 +23,7 @@ def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay=0.0, grad_s
 
 def signum_(params, grads, momentum_buffers, *, lr, beta, weight_decay=0.0, grad_scale=None):
     """buf ← β·buf + (1−β)·g; u = sign(buf); w ← w − lr·(u + λ·w)."""
-    device = device_of(params, grads, momentum_buffers)
+    device = device_of(params=params, grads=grads, momentum_buffers=momentum_buffers)
     if device is None:
         return
     torch.ops.fastoptim.signum_(list(params), list(grads), list(momentum_buffers), step_scalar(lr, device), beta,
@@ -34,7 +34,7 @@ def momentum_(grads, momentum_buffers, directions=(), *, beta, nesterov=False, e
     """Heavy ball buf ← β·buf + g (EMA with ``ema``: buf ← β·buf + (1−β)·g); the direction u = β·buf + g (EMA:
     β·buf + (1−β)·g) with ``nesterov``, else u = buf, is written to ``directions`` when given (one tensor per grad,
     the buffers' dtype). Parameters are not touched."""
-    device = device_of(grads, momentum_buffers, directions)
+    device = device_of(grads=grads, momentum_buffers=momentum_buffers, directions=directions)
     if device is None:
         return
     torch.ops.fastoptim.momentum_(list(grads), list(momentum_buffers), list(directions), beta, nesterov, ema,

@@ -11,7 +11,7 @@ from fastoptim.ops._step_checks import check_state_dtype, check_update_call, dev
 def sophia_(params, grads, exp_avgs, hessians, *, lr, step, beta1, gamma, eps, clip_threshold=1.0, weight_decay=0.0,
             grad_scale=None):
     """m ← β1·m + (1−β1)·g; u = clip(m̂ / max(γ·h, ε), −c, c) with m̂ = m/(1−β1^step); w ← w − lr·(u + λ·w)."""
-    device = device_of(params, grads, exp_avgs, hessians)
+    device = device_of(params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians)
     if device is None:
         return
     torch.ops.fastoptim.sophia_(
@@ -22,7 +22,7 @@ def sophia_(params, grads, exp_avgs, hessians, *, lr, step, beta1, gamma, eps, c
 
 def sophia_hessian_(hessians, estimates, *, beta2):
     """h ← β2·h + (1−β2)·ĥ (no bias correction); estimates have the parameters' dtype."""
-    if device_of(hessians, estimates) is None:
+    if device_of(hessians=hessians, estimates=estimates) is None:
         return
     torch.ops.fastoptim.sophia_hessian_(list(hessians), list(estimates), beta2)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from fastoptim.ops._checks import check_float_dtype, check_scalar, check_tensor_lists
+from fastoptim.ops._checks import check_dense, check_float_dtype, check_scalar, check_tensor_lists
 from fastoptim.ops._scalars import step_scalar
 
 
@@ -14,6 +14,7 @@ def decoupled_update_(params, updates, lr, weight_decay=0.0, scale=1.0):
     """
     if not params and not updates:
         return
+    check_dense(params=params, updates=updates)
     device = params[0].device if params else updates[0].device
     torch.ops.fastoptim.decoupled_update_(list(params), list(updates), step_scalar(lr, device), weight_decay, scale)
 

@@ -25,12 +25,12 @@ def classify(name: str, module: nn.Module | None, param: torch.Tensor) -> str:
     leaf = lowered.rsplit(".", 1)[-1]
     if isinstance(module, nn.Embedding) or any(s in lowered for s in _EMBEDDING_NAMES):
         return "embedding"
+    if leaf == "bias":  # before the head: the spec exempts every bias from decay, lm_head's too
+        return "bias"
     if any(s in lowered for s in _HEAD_NAMES):
         return "head"
     if _is_norm(module) or any(s in lowered for s in _NORM_NAMES):
         return "norm"
-    if leaf == "bias":
-        return "bias"
     if param.ndim >= 2:
         return "matrix"
     return "other"

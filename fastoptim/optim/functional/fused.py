@@ -83,7 +83,8 @@ def sophia_hessian_(hessians, estimates, *, beta2):
 
 
 def apply_update_(params, updates, *, lr, weight_decay):
-    ops.decoupled_update_(params, updates, lr, weight_decay)
+    # Updates are read once, so a strided one (a transposed Newton–Schulz output) costs one copy, not a fallback.
+    ops.decoupled_update_(params, [u.contiguous() for u in updates], lr, weight_decay)
 
 
 for _family, _core in {

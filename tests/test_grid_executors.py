@@ -1,0 +1,108 @@
+"""Executors: one subprocess per GPU pinned with CUDA_VISIBLE_DEVICES, and the submitit path (where installed)."""
+
+import json
+import sys
+import pytest
+
+from fastoptim.grid.driver import run_grid
+from fastoptim.grid.executors import LocalGPUExecutor, SequentialExecutor, SlurmExecutor
+from fastoptim.grid.runner import read_outcome, train_command
+from fastoptim.grid.runs import RunOutcome, RunSpec
+from fastoptim.grid.store import ResultsStore
+
+# A stand-in for `fastoptim train`: sleeps, then writes result.json as the trainer does, recording its GPU.
+FAKE_TRAIN = """
+import json, os, sys, time
+out_dir, lr = sys.argv[1], float(sys.argv[2])
+began = time.time()
+time.sleep(0.5)
+if lr < 0:
+    sys.exit(3)
+os.makedirs(out_dir, exist_ok=True)
+record = {"final_val_loss": 3.0 + lr, "diverged": False, "steps": 10,
+          "gpu": os.environ["CUDA_VISIBLE_DEVICES"], "began": began, "ended": time.time()}
+json.dump(record, open(os.path.join(out_dir, "result.json"), "w"))
+"""
+
+
+def spec(lr):
+    return RunSpec("adamw", "tiny", 1.0, {"lr": lr, "batch_size": 8}, seq_len=16, steps=10)
+
+
+def fake_command(spec, out_dir):
+    return [sys.executable, "-c", FAKE_TRAIN, out_dir, repr(spec.hparams["lr"])]
+
+
+def test_local_gpus_run_in_parallel_one_per_gpu(tmp_path):
+    executor = LocalGPUExecutor(["0", "1"], fake_command, read_outcome)
+    runs = [spec(0.1), spec(0.2)]
+    for run in runs:
+        assert executor.slots > 0
+        executor.start(run, str(tmp_path / run.run_id))
+    assert executor.slots == 0 and executor.running == 2
+    finished = []
+    while len(finished) < 2:
+        finished += executor.poll(timeout=5)
+    results = {s.run_id: o for s, o in finished}
+    written = [json.loads((tmp_path / r.run_id / "result.json").read_text()) for r in runs]
+    assert {w["gpu"] for w in written} == {"0", "1"}
+    assert max(w["began"] for w in written) < min(w["ended"] for w in written)  # they ran at the same time
+    for run in runs:
+        assert results[run.run_id].final_val_loss == pytest.approx(3.0 + run.hparams["lr"])
+
+    executor.start(spec(-1.0), str(tmp_path / "crash"))
+    (_, outcome), = executor.poll(timeout=5)
+    assert isinstance(outcome, RuntimeError) and "status 3" in str(outcome) and "train.log" in str(outcome)
+
+
+def test_train_command_round_trips_hparams():
+    run = RunSpec("muon", "tiny2", 2.0, {"lr": 1.6e-2, "eps": 1e-25, "ns_steps": 10, "normalize_grads": True,
+                                         "lr_schedule": "linear"}, seq_len=64, steps=204, eval_every=None)
+    argv = train_command(run, "/tmp/x")
+    assert argv[1:4] == ["-m", "fastoptim.cli", "train"]
+    hps = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--hp")
+    import ast
+    assert {k: ast.literal_eval(v) for k, v in hps.items()} == run.hparams
+    assert argv[argv.index("--steps") + 1] == "204" and "--resume" in argv and "--eval-every" not in argv
+
+
+def test_slurm_executor_through_submitit_debug_cluster(tmp_path):
+    pytest.importorskip("submitit")
+    calls = []
+
+    def run_fn(spec, out_dir):
+        calls.append(spec.run_id)
+        return RunOutcome(3.0 + spec.hparams["lr"], False, spec.steps)
+
+    executor = SlurmExecutor(run_fn, tmp_path / "slurm", max_jobs=4, cluster="debug")
+    executor.start(spec(0.5), str(tmp_path / "a"))
+    (done, outcome), = executor.poll(timeout=30)
+    assert done.run_id == calls[0] and outcome.final_val_loss == pytest.approx(3.5)
+
+
+def test_slurm_executor_without_submitit_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    with pytest.raises(RuntimeError, match="pip install submitit"):
+        SlurmExecutor(lambda s, o: None, tmp_path)
+
+
+def test_interrupted_parallel_grid_stops_its_children_and_releases_claims(tmp_path):
+    from fastoptim.grid.presets import GridPreset, OptimizerSweep, regimes
+
+    preset = GridPreset("gpus", {"adamw": OptimizerSweep({"lr": 0.1, "batch_size": 8}, {"lr": (0.1, 0.2, 0.3)})},
+                        regimes(["tiny"], [1]), seq_len=16, tokens_per_param=1.0)
+
+    class Interrupting(LocalGPUExecutor):
+        def poll(self, timeout=0.0):
+            raise KeyboardInterrupt
+
+    executor = Interrupting(["0"], fake_command, read_outcome)
+    with ResultsStore(tmp_path / "s.sqlite") as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_grid(preset, store, executor, lambda m: 1000, tmp_path / "runs")
+        assert executor.running == 0
+        assert store.counts() == {}
+    sequential = SequentialExecutor(lambda s, o: RunOutcome(3.0 + s.hparams["lr"], False, s.steps))
+    with ResultsStore(tmp_path / "s.sqlite") as store:
+        bench = run_grid(preset, store, sequential, lambda m: 1000, tmp_path / "runs")
+    assert bench.done and len(bench.outcomes) == 3
