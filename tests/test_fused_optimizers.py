@@ -62,3 +62,16 @@ def test_auto_picks_the_native_core_where_it_supports_the_tensors(device, family
     assert functional.select(family, doubles, None) is functional.PURE[family]
     with pytest.raises(RuntimeError, match="does not support these tensors"):
         functional.select(family, doubles, True)
+
+
+@pytest.mark.parametrize("family", ["adam", "adam_mini", "sophia"])
+def test_empty_lists_are_a_no_op_like_the_pure_core(family):
+    # A param group (or a distributed rank) that holds no parameters with gradients calls the core with empty lists.
+    core = functional.select(family, [], None)
+    assert core is not functional.PURE[family]
+    hp = dict(lr=0.1, beta1=0.9, eps=1e-8, weight_decay=0.0)
+    if family == "sophia":
+        hp.update(gamma=0.01, clip_threshold=1.0)
+    else:
+        hp.update(beta2=0.99)
+    core([], [], [], [], [], **hp)

@@ -33,7 +33,10 @@ def supports(tensors) -> bool:
 
 
 def by_step(steps, *lists):
-    """Advance the counters; yield (t, the lists restricted to the parameters at count t)."""
+    """Advance the counters; yield (t, the lists restricted to the parameters at count t). Nothing for no
+    parameters (a rank or group that owns none), as the pure cores."""
+    if not steps:
+        return
     groups = defaultdict(list)
     for i, t in enumerate(advance(steps)):
         groups[t].append(i)
