@@ -4,7 +4,6 @@
 
 #include <ATen/ATen.h>
 
-#include <initializer_list>
 #include <optional>
 #include <string>
 #include <utility>
@@ -28,7 +27,7 @@ inline std::string dtype_name(at::ScalarType dtype) {
 // list's first tensor, which is returned (nullopt when the lists are empty: the op has nothing to do); the i-th
 // tensors of all lists hold the same number of elements.
 // (Sparse tensors never get here: the dispatcher has no kernel for them; fastoptim/ops refuses them by name.)
-inline std::optional<at::Device> check_tensor_lists(std::initializer_list<NamedList> lists) {
+inline std::optional<at::Device> check_tensor_lists(c10::ArrayRef<NamedList> lists) {
   const auto& [first_name, first] = *lists.begin();
   for (const auto& [name, list] : lists) {
     TORCH_CHECK(list.size() == first.size(), "fastoptim: ", name, " has ", list.size(), " tensors but ", first_name,

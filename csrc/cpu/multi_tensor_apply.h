@@ -1,5 +1,6 @@
-// CPU multi-tensor apply: every (tensor, chunk) pair of a list of tensor lists becomes one task of at::parallel_for,
-// and the element functor's math runs over the chunk in a plain loop the compiler can vectorise.
+// CPU multi-tensor launchers: every (tensor, chunk) pair of a list of tensor lists becomes one task of
+// at::parallel_for, and the functor's math runs over the chunk in a plain loop the compiler can vectorise.
+// The functor contracts are in common/multi_tensor.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,26 +18,94 @@ namespace fastoptim::cpu {
 
 namespace detail {
 
-template <typename... Ts, typename Functor, size_t... I>
-void apply_chunks(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor,
-                  std::index_sequence<I...>) {
-  struct Chunk {
-    int64_t tensor, start, size;
-  };
+struct Chunk {
+  int tensor;
+  int64_t global_chunk;
+  int64_t start, size;  // in elements (multi_tensor_apply/reduce) or in segments (segment_apply)
+};
+
+// The chunks of every tensor of `list`, in list order; `units(t)` counts a tensor's units, `per_chunk(t)` how many
+// of them one chunk takes.
+template <typename Units, typename PerChunk>
+std::vector<Chunk> cut(at::TensorList list, const Units& units, const PerChunk& per_chunk) {
   std::vector<Chunk> chunks;
-  for (size_t t = 0; t < lists[0].size(); ++t) {
-    const int64_t numel = lists[0][t].numel();
-    for (int64_t start = 0; start < numel; start += kChunkSize) {
-      chunks.push_back({static_cast<int64_t>(t), start, std::min(kChunkSize, numel - start)});
+  for (size_t t = 0; t < list.size(); ++t) {
+    const int64_t n = units(t);
+    if (n == 0) continue;
+    const int64_t per = per_chunk(t);
+    for (int64_t start = 0; start < n; start += per) {
+      const int64_t index = static_cast<int64_t>(chunks.size());
+      chunks.push_back({static_cast<int>(t), index, start, std::min(per, n - start)});
     }
   }
-  const auto math = functor.load();
+  return chunks;
+}
+
+inline std::vector<Chunk> element_chunks(at::TensorList list) {
+  return cut(list, [&](size_t t) { return list[t].numel(); }, [](size_t) { return kChunkSize; });
+}
+
+template <typename... Ts, size_t... I>
+std::tuple<Ts*...> pointers(const std::array<at::TensorList, sizeof...(Ts)>& lists, int tensor, int64_t offset,
+                            std::index_sequence<I...>) {
+  return {(static_cast<Ts*>(lists[I][tensor].data_ptr()) + offset)...};
+}
+
+template <typename... Ts, typename Functor, size_t... I>
+void apply(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor, std::index_sequence<I...> seq) {
+  const std::vector<Chunk> chunks = element_chunks(lists[0]);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const Chunk& chunk = chunks[c];
-      std::tuple<Ts*...> ptrs{(static_cast<Ts*>(lists[I][chunk.tensor].data_ptr()) + chunk.start)...};
+      const auto math = functor.load(ChunkContext{chunk.tensor, lists[0][chunk.tensor].numel(), chunk.global_chunk});
+      const auto ptrs = pointers<Ts...>(lists, chunk.tensor, chunk.start, seq);
       for (int64_t i = 0; i < chunk.size; ++i) {
         math(std::get<I>(ptrs)[i]...);
+      }
+    }
+  });
+}
+
+template <typename... Ts, typename Functor, size_t... I>
+void reduce(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor, std::index_sequence<I...> seq) {
+  const std::vector<Chunk> chunks = element_chunks(lists[0]);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& chunk = chunks[c];
+      const auto math = functor.load(ChunkContext{chunk.tensor, lists[0][chunk.tensor].numel(), chunk.global_chunk});
+      const auto ptrs = pointers<Ts...>(lists, chunk.tensor, chunk.start, seq);
+      double sum = 0.0;
+      for (int64_t i = 0; i < chunk.size; ++i) {
+        sum += math(std::get<I>(ptrs)[i]...);
+      }
+      math.finish(static_cast<float>(sum));
+    }
+  });
+}
+
+template <typename V, typename... Ts, typename Functor, size_t... I>
+void segment_apply(const std::array<at::TensorList, sizeof...(Ts)>& lists, at::TensorList segment_state,
+                   const Functor& functor, std::index_sequence<I...> seq) {
+  const auto length = [&](size_t t) { return lists[0][t].numel() / segment_state[t].numel(); };
+  const std::vector<Chunk> chunks = cut(
+      lists[0], [&](size_t t) { return lists[0][t].numel() == 0 ? 0 : segment_state[t].numel(); },
+      [&](size_t t) { return segments_per_chunk(length(t)); });
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk& chunk = chunks[c];
+      const auto math = functor.load(ChunkContext{chunk.tensor, lists[0][chunk.tensor].numel(), chunk.global_chunk});
+      const int64_t len = length(chunk.tensor);
+      V* states = static_cast<V*>(segment_state[chunk.tensor].data_ptr());
+      for (int64_t s = chunk.start; s < chunk.start + chunk.size; ++s) {
+        const auto ptrs = pointers<Ts...>(lists, chunk.tensor, s * len, seq);
+        double sum = 0.0;
+        for (int64_t i = 0; i < len; ++i) {
+          sum += math.reduce(std::get<I>(ptrs)[i]...);
+        }
+        const float shared = math.segment(states[s], static_cast<float>(sum), len);
+        for (int64_t i = 0; i < len; ++i) {
+          math(shared, std::get<I>(ptrs)[i]...);
+        }
       }
     }
   });
@@ -49,7 +118,30 @@ struct Backend {
   // Applies `functor` elementwise over the i-th tensors of all `lists` together; `Ts` are their element types.
   template <typename... Ts, typename Functor>
   static void multi_tensor_apply(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor) {
-    detail::apply_chunks<Ts...>(lists, functor, std::index_sequence_for<Ts...>{});
+    detail::apply<Ts...>(lists, functor, std::index_sequence_for<Ts...>{});
+  }
+
+  // Sums `functor`'s per-element values over each chunk and hands each chunk's sum to its `finish`.
+  template <typename... Ts, typename Functor>
+  static void multi_tensor_reduce(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor) {
+    detail::reduce<Ts...>(lists, functor, std::index_sequence_for<Ts...>{});
+  }
+
+  // Per segment: sum `reduce` over it, update its state with `segment`, then apply the math to its elements.
+  // segment_state[i] has element type V and its numel divides lists[0][i]'s.
+  template <typename V, typename... Ts, typename Functor>
+  static void multi_tensor_segment_apply(const std::array<at::TensorList, sizeof...(Ts)>& lists,
+                                         at::TensorList segment_state, const Functor& functor) {
+    detail::segment_apply<V, Ts...>(lists, segment_state, functor, std::index_sequence_for<Ts...>{});
+  }
+
+  // out (0-dim float32) ← finish(Σ partials), the sum taken in a fixed order in double.
+  template <typename Finish>
+  static void finish_sum(const at::Tensor& partials, const at::Tensor& out, const Finish& finish) {
+    const float* values = partials.data_ptr<float>();
+    double total = 0.0;
+    for (int64_t i = 0; i < partials.numel(); ++i) total += values[i];
+    *out.data_ptr<float>() = finish(total);
   }
 };
 

@@ -1,6 +1,7 @@
-// CUDA multi-tensor apply: one launch walks many tensors. The host packs tensor addresses and a block → (tensor,
-// chunk) map into a kernel argument; each block runs the element functor over one chunk of one tensor. Tensors too
-// many for one argument spill into further launches, a tensor's chunks may straddle two.
+// CUDA multi-tensor launchers: one launch walks many tensors. The host packs tensor addresses and a block →
+// (tensor, chunk) map into a kernel argument; each block runs the functor over one chunk of one tensor. Tensors too
+// many for one argument spill into further launches, a tensor's chunks may straddle two. The functor contracts are
+// in common/multi_tensor.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,34 +21,192 @@ constexpr int kBlockSize = 512;
 constexpr int kMaxBlocksPerLaunch = 320;
 // Kernel arguments are limited to 4 KB; these capacities keep the metadata of each list depth under it.
 constexpr int kMaxTensorsPerLaunch[] = {0, 110, 64, 48, 36, 30, 24};
+constexpr size_t kMaxMetadataBytes = 3900;  // leaves room for the functor and the chunk base
 
-template <int Depth>
-struct TensorListMetadata {
-  static constexpr int kMaxTensors = kMaxTensorsPerLaunch[Depth];
-  void* addresses[Depth][kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int tensor_index[kMaxTensors];  // position in the caller's list, for per-tensor outputs
+// Where each block of one launch works: its tensor's slot and its chunk within that tensor.
+struct BlockMap {
   unsigned char block_to_tensor[kMaxBlocksPerLaunch];
   int block_to_chunk[kMaxBlocksPerLaunch];
 };
 
-template <typename... Ts, typename Functor, size_t... I>
-__device__ __forceinline__ void run_chunk(const TensorListMetadata<sizeof...(Ts)>& meta, const Functor& functor,
-                                          std::index_sequence<I...>) {
-  const int t = meta.block_to_tensor[blockIdx.x];
+// The tensors of one launch: `Depth` lists, at most `MaxTensors` tensors (the default keeps Depth lists under the
+// argument limit).
+template <int Depth, int MaxTensors = kMaxTensorsPerLaunch[Depth]>
+struct TensorListMetadata : BlockMap {
+  static constexpr int kMaxTensors = MaxTensors;
+  void* addresses[Depth][kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int tensor_index[kMaxTensors];  // position in the caller's lists
+
+  void copy_slot(int from, int to) {
+    for (int d = 0; d < Depth; ++d) addresses[d][to] = addresses[d][from];
+    numel[to] = numel[from];
+    tensor_index[to] = tensor_index[from];
+  }
+};
+
+// TensorListMetadata plus each tensor's segment state (one value per segment) and segment count: as many tensors
+// as Depth + 1 lists allow.
+template <int Depth>
+struct SegmentListMetadata : TensorListMetadata<Depth, kMaxTensorsPerLaunch[Depth + 1]> {
+  using Base = TensorListMetadata<Depth, kMaxTensorsPerLaunch[Depth + 1]>;
+  void* segment_state[Base::kMaxTensors];
+  int64_t segments[Base::kMaxTensors];
+
+  void copy_slot(int from, int to) {
+    Base::copy_slot(from, to);
+    segment_state[to] = segment_state[from];
+    segments[to] = segments[from];
+  }
+};
+
+// Sum of `value` over the block (blockDim.x == kBlockSize); the result is valid in thread 0. Ends with a barrier,
+// so it may be called again at once.
+template <typename T>
+__device__ T block_sum(T value) {
+  __shared__ T warp_sums[kBlockSize / 32];
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kBlockSize / 32 ? warp_sums[lane] : T(0);
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  __syncthreads();
+  return value;
+}
+
+template <typename... Ts, typename Meta, size_t... I>
+__device__ __forceinline__ std::tuple<Ts*...> pointers(const Meta& meta, int slot, int64_t offset,
+                                                       std::index_sequence<I...>) {
+  return {(static_cast<Ts*>(meta.addresses[I][slot]) + offset)...};
+}
+
+template <typename Functor, typename... Ts, size_t... I>
+__device__ __forceinline__ void apply_chunk(const TensorListMetadata<sizeof...(Ts)>& meta, const Functor& functor,
+                                            int64_t chunk_base, std::index_sequence<I...> seq) {
+  const int slot = meta.block_to_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
-  const int64_t size = min(meta.numel[t] - start, kChunkSize);
-  const auto math = functor.load();
-  std::tuple<Ts*...> ptrs{(static_cast<Ts*>(meta.addresses[I][t]) + start)...};
+  const int64_t size = min(meta.numel[slot] - start, kChunkSize);
+  const auto math = functor.load(ChunkContext{meta.tensor_index[slot], meta.numel[slot], chunk_base + blockIdx.x});
+  const auto ptrs = pointers<Ts...>(meta, slot, start, seq);
   for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
     math(std::get<I>(ptrs)[i]...);
   }
 }
 
+template <typename Functor, typename... Ts, size_t... I>
+__device__ __forceinline__ void reduce_chunk(const TensorListMetadata<sizeof...(Ts)>& meta, const Functor& functor,
+                                             int64_t chunk_base, std::index_sequence<I...> seq) {
+  const int slot = meta.block_to_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+  const int64_t size = min(meta.numel[slot] - start, kChunkSize);
+  const auto math = functor.load(ChunkContext{meta.tensor_index[slot], meta.numel[slot], chunk_base + blockIdx.x});
+  const auto ptrs = pointers<Ts...>(meta, slot, start, seq);
+  float sum = 0.0f;
+  for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
+    sum += math(std::get<I>(ptrs)[i]...);
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) math.finish(sum);
+}
+
+template <typename Functor, typename V, typename... Ts, size_t... I>
+__device__ __forceinline__ void segment_chunk(const SegmentListMetadata<sizeof...(Ts)>& meta, const Functor& functor,
+                                              int64_t chunk_base, std::index_sequence<I...> seq) {
+  __shared__ float shared;
+  const int slot = meta.block_to_tensor[blockIdx.x];
+  const int64_t segments = meta.segments[slot];
+  const int64_t length = meta.numel[slot] / segments;
+  const int64_t first = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * segments_per_chunk(length);
+  const int64_t last = min(segments, first + segments_per_chunk(length));
+  const auto math = functor.load(ChunkContext{meta.tensor_index[slot], meta.numel[slot], chunk_base + blockIdx.x});
+  for (int64_t s = first; s < last; ++s) {
+    const auto ptrs = pointers<Ts...>(meta, slot, s * length, seq);
+    float sum = 0.0f;
+    for (int64_t i = threadIdx.x; i < length; i += blockDim.x) {
+      sum += math.reduce(std::get<I>(ptrs)[i]...);
+    }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) shared = math.segment(static_cast<V*>(meta.segment_state[slot])[s], sum, length);
+    __syncthreads();
+    const float value = shared;
+    for (int64_t i = threadIdx.x; i < length; i += blockDim.x) {
+      math(value, std::get<I>(ptrs)[i]...);
+    }
+    __syncthreads();  // every thread has read `shared` before the next segment writes it
+  }
+}
+
 template <typename Functor, typename... Ts>
-__global__ void __launch_bounds__(kBlockSize) multi_tensor_kernel(TensorListMetadata<sizeof...(Ts)> meta,
-                                                                  Functor functor) {
-  run_chunk<Ts...>(meta, functor, std::index_sequence_for<Ts...>{});
+__global__ void __launch_bounds__(kBlockSize)
+    apply_kernel(TensorListMetadata<sizeof...(Ts)> meta, Functor functor, int64_t chunk_base) {
+  apply_chunk<Functor, Ts...>(meta, functor, chunk_base, std::index_sequence_for<Ts...>{});
+}
+
+template <typename Functor, typename... Ts>
+__global__ void __launch_bounds__(kBlockSize)
+    reduce_kernel(TensorListMetadata<sizeof...(Ts)> meta, Functor functor, int64_t chunk_base) {
+  reduce_chunk<Functor, Ts...>(meta, functor, chunk_base, std::index_sequence_for<Ts...>{});
+}
+
+template <typename Functor, typename V, typename... Ts>
+__global__ void __launch_bounds__(kBlockSize)
+    segment_kernel(SegmentListMetadata<sizeof...(Ts)> meta, Functor functor, int64_t chunk_base) {
+  segment_chunk<Functor, V, Ts...>(meta, functor, chunk_base, std::index_sequence_for<Ts...>{});
+}
+
+template <typename Finish>
+__global__ void __launch_bounds__(kBlockSize)
+    finish_sum_kernel(const float* partials, int64_t n, float* out, Finish finish) {
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += partials[i];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) *out = finish(sum);
+}
+
+// Packs the tensors of a call into launches: `chunks(t)` counts tensor t's chunks (0: skipped), `fill(meta, slot,
+// t)` writes its addresses into a metadata slot, `launch(meta, blocks, chunk_base)` runs one kernel.
+template <typename Meta, typename Chunks, typename Fill, typename Launch>
+void pack_and_launch(size_t n_tensors, const Chunks& chunks, const Fill& fill, const Launch& launch) {
+  static_assert(sizeof(Meta) <= kMaxMetadataBytes, "launch metadata too large for the kernel argument limit");
+  Meta meta;
+  int tensors = 0;
+  int blocks = 0;
+  int64_t chunk_base = 0;
+  for (size_t t = 0; t < n_tensors; ++t) {
+    const int64_t n = chunks(t);
+    if (n == 0) continue;
+    fill(meta, tensors, t);
+    meta.tensor_index[tensors] = static_cast<int>(t);
+    ++tensors;
+    for (int64_t c = 0; c < n; ++c) {
+      meta.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
+      meta.block_to_chunk[blocks] = static_cast<int>(c);
+      ++blocks;
+      const bool last_chunk = c == n - 1;
+      if (blocks == kMaxBlocksPerLaunch || (last_chunk && tensors == Meta::kMaxTensors)) {
+        launch(meta, blocks, chunk_base);
+        chunk_base += blocks;
+        blocks = 0;
+        if (last_chunk) {
+          tensors = 0;
+        } else {  // the current tensor's remaining chunks go on in the next launch, as its slot 0
+          meta.copy_slot(tensors - 1, 0);
+          tensors = 1;
+        }
+      }
+    }
+  }
+  if (blocks > 0) launch(meta, blocks, chunk_base);
+}
+
+// Writes tensor t of every list into a metadata slot.
+template <typename Meta, size_t Depth>
+void fill_addresses(Meta& meta, int slot, const std::array<at::TensorList, Depth>& lists, size_t t) {
+  for (size_t d = 0; d < Depth; ++d) meta.addresses[d][slot] = lists[d][t].data_ptr();
+  meta.numel[slot] = lists[0][t].numel();
 }
 
 // The backend that the op templates of csrc/kernels are instantiated with for CUDA.
@@ -60,41 +219,68 @@ struct Backend {
     if (lists[0].empty()) return;
     const c10::cuda::CUDAGuard guard(lists[0][0].device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    Meta meta;
-    int tensors = 0;
-    int blocks = 0;
-    const auto launch = [&] {
-      multi_tensor_kernel<Functor, Ts...><<<blocks, kBlockSize, 0, stream>>>(meta, functor);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      blocks = 0;
-    };
-    for (size_t t = 0; t < lists[0].size(); ++t) {
-      const int64_t numel = lists[0][t].numel();
-      if (numel == 0) continue;
-      for (int d = 0; d < Depth; ++d) meta.addresses[d][tensors] = lists[d][t].data_ptr();
-      meta.numel[tensors] = numel;
-      meta.tensor_index[tensors] = static_cast<int>(t);
-      ++tensors;
-      const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
-      for (int64_t c = 0; c < chunks; ++c) {
-        meta.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
-        meta.block_to_chunk[blocks] = static_cast<int>(c);
-        ++blocks;
-        const bool last_chunk = c == chunks - 1;
-        if (blocks == kMaxBlocksPerLaunch || (last_chunk && tensors == Meta::kMaxTensors)) {
-          launch();
-          if (last_chunk) {
-            tensors = 0;
-          } else {  // the current tensor's remaining chunks go on in the next launch, as its tensor 0
-            for (int d = 0; d < Depth; ++d) meta.addresses[d][0] = meta.addresses[d][tensors - 1];
-            meta.numel[0] = meta.numel[tensors - 1];
-            meta.tensor_index[0] = meta.tensor_index[tensors - 1];
-            tensors = 1;
-          }
-        }
-      }
-    }
-    if (blocks > 0) launch();
+    pack_and_launch<Meta>(
+        lists[0].size(), [&](size_t t) { return chunks_of(lists[0][t].numel()); },
+        [&](Meta& meta, int slot, size_t t) { fill_addresses(meta, slot, lists, t); },
+        [&](const Meta& meta, int blocks, int64_t chunk_base) {
+          apply_kernel<Functor, Ts...><<<blocks, kBlockSize, 0, stream>>>(meta, functor, chunk_base);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+
+  // Sums `functor`'s per-element values over each chunk and hands each chunk's sum to its `finish`.
+  template <typename... Ts, typename Functor>
+  static void multi_tensor_reduce(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor) {
+    constexpr int Depth = sizeof...(Ts);
+    using Meta = TensorListMetadata<Depth>;
+    if (lists[0].empty()) return;
+    const c10::cuda::CUDAGuard guard(lists[0][0].device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    pack_and_launch<Meta>(
+        lists[0].size(), [&](size_t t) { return chunks_of(lists[0][t].numel()); },
+        [&](Meta& meta, int slot, size_t t) { fill_addresses(meta, slot, lists, t); },
+        [&](const Meta& meta, int blocks, int64_t chunk_base) {
+          reduce_kernel<Functor, Ts...><<<blocks, kBlockSize, 0, stream>>>(meta, functor, chunk_base);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+
+  // Per segment: sum `reduce` over it, update its state with `segment`, then apply the math to its elements.
+  // segment_state[i] has element type V and its numel divides lists[0][i]'s.
+  template <typename V, typename... Ts, typename Functor>
+  static void multi_tensor_segment_apply(const std::array<at::TensorList, sizeof...(Ts)>& lists,
+                                         at::TensorList segment_state, const Functor& functor) {
+    constexpr int Depth = sizeof...(Ts);
+    using Meta = SegmentListMetadata<Depth>;
+    if (lists[0].empty()) return;
+    const c10::cuda::CUDAGuard guard(lists[0][0].device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    pack_and_launch<Meta>(
+        lists[0].size(),
+        [&](size_t t) {
+          const int64_t numel = lists[0][t].numel(), segments = segment_state[t].numel();
+          if (numel == 0) return int64_t{0};
+          const int64_t per = segments_per_chunk(numel / segments);
+          return (segments + per - 1) / per;
+        },
+        [&](Meta& meta, int slot, size_t t) {
+          fill_addresses(meta, slot, lists, t);
+          meta.segment_state[slot] = segment_state[t].data_ptr();
+          meta.segments[slot] = segment_state[t].numel();
+        },
+        [&](const Meta& meta, int blocks, int64_t chunk_base) {
+          segment_kernel<Functor, V, Ts...><<<blocks, kBlockSize, 0, stream>>>(meta, functor, chunk_base);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+
+  // out (0-dim float32) ← finish(Σ partials), the sum taken in a fixed order in double.
+  template <typename Finish>
+  static void finish_sum(const at::Tensor& partials, const at::Tensor& out, const Finish& finish) {
+    const c10::cuda::CUDAGuard guard(out.device());
+    finish_sum_kernel<<<1, kBlockSize, 0, at::cuda::getCurrentCUDAStream()>>>(
+        partials.data_ptr<float>(), partials.numel(), out.data_ptr<float>(), finish);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 

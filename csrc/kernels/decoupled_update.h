@@ -6,6 +6,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/multi_tensor.h"
 
 namespace fastoptim {
 
@@ -23,7 +24,7 @@ struct DecoupledUpdate {
     }
   };
 
-  C10_HOST_DEVICE Math load() const {
+  C10_HOST_DEVICE Math load(const ChunkContext&) const {
     const float lr_now = *lr;
     return {1.0f - lr_now * weight_decay, lr_now * scale};
   }

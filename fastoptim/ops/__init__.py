@@ -11,10 +11,32 @@ except ImportError as err:  # the package was imported from a source tree withou
     ) from err
 
 from fastoptim.ops._scalars import step_scalar
+from fastoptim.ops.adam import adamw_, cautious_adamw_, mars_adamw_
+from fastoptim.ops.adam_mini import adam_mini_
+from fastoptim.ops.global_norm import clip_scale, mars_clip_scale
 from fastoptim.ops.newton_schulz import newton_schulz, newton_schulz_momentum_, orthogonalized_step_
+from fastoptim.ops.sign_momentum import lion_, momentum_, signum_
+from fastoptim.ops.sophia import sophia_, sophia_hessian_
 from fastoptim.ops.update import decoupled_update_
 
 CUDA_KERNELS_BUILT: bool = _C.cuda_kernels_built
 
-__all__ = ["CUDA_KERNELS_BUILT", "decoupled_update_", "newton_schulz", "newton_schulz_momentum_",
-           "orthogonalized_step_", "step_scalar"]
+__all__ = [
+    "CUDA_KERNELS_BUILT",
+    "adam_mini_",
+    "adamw_",
+    "cautious_adamw_",
+    "clip_scale",
+    "decoupled_update_",
+    "lion_",
+    "mars_adamw_",
+    "mars_clip_scale",
+    "momentum_",
+    "newton_schulz",
+    "newton_schulz_momentum_",
+    "orthogonalized_step_",
+    "signum_",
+    "sophia_",
+    "sophia_hessian_",
+    "step_scalar",
+]

@@ -1,0 +1,228 @@
+// The Adam family in one pass over memory (benchmark-spec §1.1–§1.4): AdamW and NAdamW (adamw_), Cautious
+// (cautious_adamw_: a counting pass for the per-tensor mask mean, then the update) and Mars (mars_adamw_: Adam on
+// the corrected gradient, keeping the previous raw gradient).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "kernels/step_math.h"
+
+namespace fastoptim {
+
+// The Adam moments and direction at one step count; the same code in every Adam kernel.
+struct AdamMoments {
+  float beta1, beta2, eps;
+  float bias1, sqrt_bias2;  // 1 − β1^t, √(1 − β2^t)
+  bool nesterov;
+  float nesterov_m, nesterov_g;  // NAdamW's numerator β1·m/(1−β1^(t+1)) + (1−β1)·g/(1−β1^t)
+
+  C10_HOST_DEVICE static AdamMoments at(float step, float beta1, float beta2, float eps, bool nesterov) {
+    const float bias1 = bias_correction(beta1, step);
+    return {beta1,
+            beta2,
+            eps,
+            bias1,
+            ::sqrtf(bias_correction(beta2, step)),
+            nesterov,
+            beta1 / bias_correction(beta1, step + 1.0f),
+            (1.0f - beta1) / bias1};
+  }
+
+  // Updates m and v with the gradient g; returns u = m̂/(√v̂ + ε).
+  C10_HOST_DEVICE float direction(float g, float& m, float& v) const {
+    m += (1.0f - beta1) * (g - m);
+    v = beta2 * v + (1.0f - beta2) * g * g;
+    const float numerator = nesterov ? nesterov_m * m + nesterov_g * g : m / bias1;
+    return numerator / (::sqrtf(v) / sqrt_bias2 + eps);
+  }
+};
+
+// The hyperparameters an Adam kernel reads: fixed ones by value, the step's from device memory.
+struct AdamScalars {
+  StepScalars step_scalars;
+  const float* step;  // the step count t, 1 on the first step
+  float beta1, beta2, eps;
+  bool nesterov;
+
+  C10_HOST_DEVICE AdamMoments moments() const { return AdamMoments::at(*step, beta1, beta2, eps, nesterov); }
+};
+
+struct AdamWStep {
+  AdamScalars scalars;
+
+  struct Math {
+    StepScalars::Values s;
+    AdamMoments adam;
+    template <typename P, typename S>
+    C10_HOST_DEVICE void operator()(P& p, const P& g, S& m, S& v) const {
+      float mf = static_cast<float>(m), vf = static_cast<float>(v);
+      const float u = adam.direction(s.grad_scale * static_cast<float>(g), mf, vf);
+      m = static_cast<S>(mf);
+      v = static_cast<S>(vf);
+      decoupled_step(p, u, s);
+    }
+  };
+
+  C10_HOST_DEVICE Math load(const ChunkContext&) const { return {scalars.step_scalars.load(), scalars.moments()}; }
+};
+
+// Cautious, pass 1: per tensor, how many elements have u·g > 0 (u from the moments this step will write).
+struct CautiousCount {
+  AdamScalars scalars;
+  unsigned long long* counts;  // one per tensor, zeroed by the caller
+
+  struct Math {
+    float grad_scale;
+    AdamMoments adam;
+    unsigned long long* count;
+    template <typename P, typename S>
+    C10_HOST_DEVICE float operator()(const P& g, const S& m, const S& v) const {
+      float mf = static_cast<float>(m), vf = static_cast<float>(v);
+      const float gf = grad_scale * static_cast<float>(g);
+      return adam.direction(gf, mf, vf) * gf > 0.0f ? 1.0f : 0.0f;
+    }
+    // A chunk's count is below 2^24, so its float sum is exact.
+    C10_HOST_DEVICE void finish(float chunk_count) const {
+      atomic_add(count, static_cast<unsigned long long>(chunk_count));
+    }
+  };
+
+  C10_HOST_DEVICE Math load(const ChunkContext& ctx) const {
+    return {scalars.step_scalars.load().grad_scale, scalars.moments(), counts + ctx.tensor};
+  }
+};
+
+// Cautious, pass 2: the Adam step with u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε). Both passes compute u with the
+// same inline code from the same inputs, so they agree on the mask.
+struct CautiousStep {
+  AdamScalars scalars;
+  const unsigned long long* counts;
+
+  struct Math {
+    StepScalars::Values s;
+    AdamMoments adam;
+    float mask_scale;  // 1/(mean(mask) + ε)
+    template <typename P, typename S>
+    C10_HOST_DEVICE void operator()(P& p, const P& g, S& m, S& v) const {
+      float mf = static_cast<float>(m), vf = static_cast<float>(v);
+      const float gf = s.grad_scale * static_cast<float>(g);
+      const float u = adam.direction(gf, mf, vf);
+      m = static_cast<S>(mf);
+      v = static_cast<S>(vf);
+      decoupled_step(p, u * gf > 0.0f ? u * mask_scale : 0.0f, s);
+    }
+  };
+
+  C10_HOST_DEVICE Math load(const ChunkContext& ctx) const {
+    const float mean = static_cast<float>(static_cast<double>(counts[ctx.tensor]) / static_cast<double>(ctx.numel));
+    return {scalars.step_scalars.load(), scalars.moments(), 1.0f / (mean + scalars.eps)};
+  }
+};
+
+// Mars: Adam on c = g + γ·β1/(1−β1)·(g − g_prev), times the clip factor; then g_prev ← g.
+struct MarsStep {
+  AdamScalars scalars;
+  float correction;  // γ·β1/(1−β1)
+
+  struct Math {
+    StepScalars::Values s;
+    AdamMoments adam;
+    float correction;
+    template <typename P, typename S>
+    C10_HOST_DEVICE void operator()(P& p, const P& g, S& prev, S& m, S& v) const {
+      const float gf = static_cast<float>(g);
+      const float c = s.grad_scale * (gf + correction * (gf - static_cast<float>(prev)));
+      prev = static_cast<S>(gf);
+      float mf = static_cast<float>(m), vf = static_cast<float>(v);
+      const float u = adam.direction(c, mf, vf);
+      m = static_cast<S>(mf);
+      v = static_cast<S>(vf);
+      decoupled_step(p, u, s);
+    }
+  };
+
+  C10_HOST_DEVICE Math load(const ChunkContext&) const {
+    return {scalars.step_scalars.load(), scalars.moments(), correction};
+  }
+};
+
+// Checks shared by the Adam ops; returns the device (nullopt: nothing to do) and the params' and state dtypes.
+struct AdamCall {
+  std::optional<at::Device> device;
+  at::ScalarType param_dtype, state_dtype;
+  AdamScalars scalars;
+};
+
+inline AdamCall check_adam_call(at::TensorList params, at::TensorList grads, c10::ArrayRef<NamedList> state,
+                                const at::Tensor& lr, const at::Tensor& step,
+                                double beta1, double beta2, double eps, double weight_decay,
+                                const std::optional<at::Tensor>& grad_scale, bool nesterov) {
+  std::vector<NamedList> lists{{"params", params}, {"grads", grads}};
+  lists.insert(lists.end(), state.begin(), state.end());
+  AdamCall call{check_tensor_lists(lists), at::kFloat, at::kFloat, {}};
+  if (!call.device) return call;
+  check_scalar("lr", lr, *call.device);
+  check_scalar("step", step, *call.device);
+  call.param_dtype = common_float_dtype("params", params);
+  check_grads_like_params(grads, call.param_dtype);
+  call.state_dtype = check_state_dtype(state, call.param_dtype);
+  call.scalars = {{lr.data_ptr<float>(), optional_scalar("grad_scale", grad_scale, *call.device),
+                   static_cast<float>(weight_decay)},
+                  step.data_ptr<float>(),
+                  static_cast<float>(beta1),
+                  static_cast<float>(beta2),
+                  static_cast<float>(eps),
+                  nesterov};
+  return call;
+}
+
+template <typename Backend>
+void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+            const at::Tensor& lr, const at::Tensor& step, double beta1, double beta2, double eps, double weight_decay,
+            bool nesterov, const std::optional<at::Tensor>& grad_scale) {
+  const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr,
+                                        step, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
+  if (!call.device) return;
+  FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "adamw_", [&] {
+    Backend::template multi_tensor_apply<param_t, param_t, state_t, state_t>({params, grads, exp_avgs, exp_avg_sqs},
+                                                                            AdamWStep{call.scalars});
+  });
+}
+
+template <typename Backend>
+void cautious_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, const at::Tensor& lr, const at::Tensor& step, double beta1,
+                     double beta2, double eps, double weight_decay, bool nesterov,
+                     const std::optional<at::Tensor>& grad_scale) {
+  const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr,
+                                        step, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
+  if (!call.device) return;
+  const at::Tensor counts = at::zeros({static_cast<int64_t>(params.size())},
+                                      at::TensorOptions().dtype(at::kLong).device(*call.device));
+  auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "cautious_adamw_", [&] {
+    Backend::template multi_tensor_reduce<param_t, state_t, state_t>({grads, exp_avgs, exp_avg_sqs},
+                                                                     CautiousCount{call.scalars, count_ptr});
+    Backend::template multi_tensor_apply<param_t, param_t, state_t, state_t>({params, grads, exp_avgs, exp_avg_sqs},
+                                                                            CautiousStep{call.scalars, count_ptr});
+  });
+}
+
+template <typename Backend>
+void mars_adamw_(at::TensorList params, at::TensorList grads, at::TensorList prev_grads, at::TensorList exp_avgs,
+                 at::TensorList exp_avg_sqs, const at::Tensor& lr, const at::Tensor& step, double beta1, double beta2,
+                 double eps, double weight_decay, double gamma, const std::optional<at::Tensor>& grad_scale) {
+  const AdamCall call = check_adam_call(
+      params, grads, {{"prev_grads", prev_grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr, step,
+      beta1, beta2, eps, weight_decay, grad_scale, false);
+  if (!call.device) return;
+  const auto correction = static_cast<float>(gamma * beta1 / (1.0 - beta1));
+  FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "mars_adamw_", [&] {
+    Backend::template multi_tensor_apply<param_t, param_t, state_t, state_t, state_t>(
+        {params, grads, prev_grads, exp_avgs, exp_avg_sqs}, MarsStep{call.scalars, correction});
+  });
+}
+
+}  // namespace fastoptim

@@ -1,0 +1,77 @@
+"""The fused path (fastoptim's kernels, fused=None) and the pure-torch path (fused=False) of every optimizer built
+on the elementwise ops compute the same function: several steps on the same parameters and gradients agree,
+tightly in float32 and within bfloat16 rounding for bfloat16 parameters."""
+
+import pytest
+import torch
+
+from fastoptim.optim import functional
+from fastoptim.optim.registry import optimizer_class
+
+# Muon and Scion: their momentum, their AdamW/signum branch and their update run on the elementwise ops.
+ELEMENTWISE = ["adamw", "nadamw", "cautious", "mars", "lion", "mini", "sophia", "muon", "scion"]
+# Shapes of a small model: matrices (the blocked branch of Adam-mini), a 3-D weight, vectors, one odd length.
+SHAPES = [(16, 8), (8,), (3, 5, 7), (33,)]
+STEPS = 4
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def make_params(dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in SHAPES]
+
+
+def run(name, fused, dtype, device, seed):
+    params = make_params(dtype, device, seed)
+    opt = optimizer_class(name)(params, lr=1e-2, fused=fused)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(STEPS):
+        grads = [torch.randn(p.shape, generator=gen).to(device, dtype) for p in params]
+        if name == "sophia" and opt.hessian_due:
+            weights = [torch.rand(p.shape, generator=gen).to(device, dtype) for p in params]
+            loss = sum((w * p.float() ** 2).sum() + (g * p).sum() for w, g, p in zip(weights, grads, params))
+            opt.update_hessian(loss, generator=torch.Generator(device=device).manual_seed(seed + 2))
+        else:
+            for p, g in zip(params, grads):
+                p.grad = g
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_fused_and_pure_paths_agree(device, rng, name, dtype):
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=rng))
+    fused_params, fused_opt = run(name, None, dtype, device, seed)
+    pure_params, pure_opt = run(name, False, dtype, device, seed)
+    for f, p in zip(fused_params, pure_params):
+        torch.testing.assert_close(f.detach().float(), p.detach().float(), **TOLERANCE[dtype])
+    for f, p in zip(fused_params, pure_params):
+        for key, value in fused_opt.state[f].items():
+            torch.testing.assert_close(value.float(), pure_opt.state[p][key].float(), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("family", ["adam", "adam_mini", "lion", "signum", "momentum", "sophia", "sophia_hessian",
+                                    "apply_update"])
+def test_auto_picks_the_native_core_where_it_supports_the_tensors(device, family):
+    tensors = [torch.zeros(3, device=device)]
+    assert functional.select(family, tensors, None) is not functional.PURE[family]
+    assert functional.select(family, tensors, False) is functional.PURE[family]
+    # float64 is not a kernel dtype: auto falls back to pure torch, fused=True says why it cannot
+    doubles = [torch.zeros(3, device=device, dtype=torch.float64)]
+    assert functional.select(family, doubles, None) is functional.PURE[family]
+    with pytest.raises(RuntimeError, match="does not support these tensors"):
+        functional.select(family, doubles, True)
+
+
+@pytest.mark.parametrize("family", ["adam", "adam_mini", "sophia"])
+def test_empty_lists_are_a_no_op_like_the_pure_core(family):
+    # A param group (or a distributed rank) that holds no parameters with gradients calls the core with empty lists.
+    core = functional.select(family, [], None)
+    assert core is not functional.PURE[family]
+    hp = dict(lr=0.1, beta1=0.9, eps=1e-8, weight_decay=0.0)
+    if family == "sophia":
+        hp.update(gamma=0.01, clip_threshold=1.0)
+    else:
+        hp.update(beta2=0.99)
+    core([], [], [], [], [], **hp)

@@ -1,0 +1,148 @@
+"""adamw_ (AdamW, NAdamW), cautious_adamw_ and mars_adamw_ against float64 references written from
+benchmark-spec §1.1–§1.4, on random shapes (odd sizes, empty, several chunks), mixed dtypes, and lists long enough
+to need several CUDA launches."""
+
+import math
+
+import pytest
+import torch
+
+import fastoptim.ops as ops
+
+# Odd sizes, an empty tensor, and one spanning several 65536-element chunks.
+SHAPES = [(1,), (7, 3), (0,), (33, 65), (3 * 65536 + 5,)]
+# (param dtype, state dtype): float32 throughout, low-precision params with float32 state, state in the params' dtype.
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+]
+# Math is float32: a parameter or state element is off by its own dtype's rounding plus float32 error in u.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def make_state(shapes, param_dtype, state_dtype, device, rng, lists=("exp_avgs", "exp_avg_sqs")):
+    params = [torch.randn(s, generator=rng).to(device, param_dtype) for s in shapes]
+    grads = [torch.randn(s, generator=rng).to(device, param_dtype) for s in shapes]
+    state = {
+        name: [(torch.rand if name == "exp_avg_sqs" else torch.randn)(s, generator=rng).to(device, state_dtype)
+               for s in shapes]
+        for name in lists
+    }
+    return params, grads, state
+
+
+def adam_reference(p, g, m, v, *, lr, t, beta1, beta2, eps, wd, nesterov=False, cautious=False):
+    """One step in float64, from the spec: returns (p, m, v) after it."""
+    p, g, m, v = p.double(), g.double(), m.double(), v.double()
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    denominator = (v / (1 - beta2**t)).sqrt() + eps
+    if nesterov:
+        numerator = beta1 * m / (1 - beta1 ** (t + 1)) + (1 - beta1) * g / (1 - beta1**t)
+    else:
+        numerator = m / (1 - beta1**t)
+    u = numerator / denominator
+    if cautious:
+        mask = (u * g > 0).double()
+        mean = mask.mean() if mask.numel() else torch.tensor(0.0, dtype=torch.float64)
+        u = u * mask / (mean + eps)
+    return p - lr * (u + wd * p), m, v
+
+
+def assert_close(got, want, dtype):
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def check(params, state_lists, expected):
+    for i, (p, *state) in enumerate(zip(params, *state_lists)):
+        for got, want in zip([p, *state], expected[i]):
+            assert_close(got, want, got.dtype)
+
+
+@pytest.mark.parametrize("param_dtype, state_dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["adamw", "nadamw", "cautious"])
+def test_matches_float64_reference(device, rng, param_dtype, state_dtype, variant):
+    params, grads, state = make_state(SHAPES, param_dtype, state_dtype, device, rng)
+    m, v = state["exp_avgs"], state["exp_avg_sqs"]
+    t = int(torch.randint(1, 50, (), generator=rng))
+    hp = dict(lr=0.01 + 0.05 * torch.rand((), generator=rng).item(), beta1=0.9, beta2=0.98, eps=1e-8, wd=0.1)
+    grad_scale = 0.25 + torch.rand((), generator=rng).item()
+    expected = [
+        adam_reference(p, g.double() * float(torch.tensor(grad_scale, dtype=torch.float32)), mi, vi, t=t,
+                       nesterov=variant == "nadamw", cautious=variant == "cautious", **hp)
+        for p, g, mi, vi in zip(params, grads, m, v)
+    ]
+    kwargs = dict(lr=hp["lr"], step=t, beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"], weight_decay=hp["wd"],
+                  grad_scale=grad_scale)
+    if variant == "cautious":
+        ops.cautious_adamw_(params, grads, m, v, **kwargs)
+    else:
+        ops.adamw_(params, grads, m, v, nesterov=variant == "nadamw", **kwargs)
+    check(params, [m, v], expected)
+
+
+def mars_reference(p, g, prev, m, v, *, gamma, scale, **hp):
+    c = g.double() + gamma * hp["beta1"] / (1 - hp["beta1"]) * (g.double() - prev.double())
+    return (*adam_reference(p, c * scale, m, v, **hp), g.double())
+
+
+@pytest.mark.parametrize("param_dtype, state_dtype", DTYPES)
+def test_mars_matches_float64_reference(device, rng, param_dtype, state_dtype):
+    params, grads, state = make_state(SHAPES, param_dtype, state_dtype, device, rng,
+                                      lists=("prev_grads", "exp_avgs", "exp_avg_sqs"))
+    prev, m, v = state["prev_grads"], state["exp_avgs"], state["exp_avg_sqs"]
+    hp = dict(lr=0.02, t=4, beta1=0.95, beta2=0.99, eps=1e-8, wd=0.1)
+    gamma, max_norm = 0.025, 5.0
+    corrected = [g.double() + gamma * hp["beta1"] / (1 - hp["beta1"]) * (g.double() - q.double())
+                 for g, q in zip(grads, prev)]
+    norm = math.sqrt(sum(float(c.square().sum()) for c in corrected))
+    scale = min(1.0, max_norm / norm)
+    expected = [mars_reference(p, g, q, mi, vi, gamma=gamma, scale=scale, **hp)
+                for p, g, q, mi, vi in zip(params, grads, prev, m, v)]
+    factor = ops.mars_clip_scale(grads, prev, gamma=gamma, beta1=hp["beta1"], max_norm=max_norm)
+    torch.testing.assert_close(factor.double().cpu(), torch.tensor(scale, dtype=torch.float64), rtol=1e-5, atol=0)
+    ops.mars_adamw_(params, grads, prev, m, v, lr=hp["lr"], step=hp["t"], beta1=hp["beta1"], beta2=hp["beta2"],
+                    eps=hp["eps"], gamma=gamma, weight_decay=hp["wd"], grad_scale=factor)
+    expected_in_op_order = [(p, q, mi, vi) for p, mi, vi, q in expected]
+    check(params, [prev, m, v], expected_in_op_order)
+
+
+def test_cautious_mask_mean_is_per_tensor(device):
+    # Tensor 0: u·g > 0 on 1 of 4 elements, tensor 1 on all 3. With m = v = 0 and t = 1, u = g/(|g| + ε) = sign(g)
+    # when g ≠ 0, so the mask is 1 where g ≠ 0 and the mean is the fraction of nonzero gradients per tensor.
+    params = [torch.zeros(4, device=device), torch.zeros(3, device=device)]
+    grads = [torch.tensor([2.0, 0.0, 0.0, 0.0], device=device), torch.tensor([1.0, -1.0, 3.0], device=device)]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    ops.cautious_adamw_(params, grads, m, v, lr=1.0, step=1, beta1=0.9, beta2=0.99, eps=1e-12)
+    torch.testing.assert_close(params[0].cpu(), torch.tensor([-4.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(params[1].cpu(), torch.tensor([-1.0, 1.0, -1.0]))
+
+
+def test_many_tensors_span_several_launches(device, rng):
+    # More tensors than one CUDA launch's metadata holds at depth 4 (36), with random small sizes.
+    shapes = [(int(torch.randint(1, 300, (), generator=rng)),) for _ in range(100)]
+    params, grads, state = make_state(shapes, torch.float32, torch.float32, device, rng)
+    m, v = state["exp_avgs"], state["exp_avg_sqs"]
+    hp = dict(lr=0.05, t=2, beta1=0.9, beta2=0.95, eps=1e-8, wd=0.2)
+    expected = [adam_reference(*a, cautious=True, **hp) for a in zip(params, grads, m, v)]
+    ops.cautious_adamw_(params, grads, m, v, lr=0.05, step=2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.2)
+    check(params, [m, v], expected)
+
+
+def test_several_steps_track_the_reference(device, rng):
+    params, _, state = make_state([(129, 7)], torch.float32, torch.float32, device, rng)
+    m, v = [torch.zeros_like(params[0])], [torch.zeros_like(params[0])]
+    ref = (params[0].double(), m[0].double(), v[0].double())
+    lr = torch.tensor(0.0, device=device)  # a device lr changed between steps, as a scheduler does
+    for t in range(1, 6):
+        grad = torch.randn(params[0].shape, generator=rng).to(device)
+        lr.fill_(0.01 * t)
+        ops.adamw_(params, [grad], m, v, lr=lr, step=torch.tensor(float(t), device=device), beta1=0.9, beta2=0.98,
+                   eps=1e-20, weight_decay=0.1)
+        ref = adam_reference(*ref[:1], grad, *ref[1:], lr=0.01 * t, t=t, beta1=0.9, beta2=0.98, eps=1e-20, wd=0.1)
+    for got, want in zip((params[0], m[0], v[0]), ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
