@@ -11,8 +11,14 @@ except ImportError as err:  # the package was imported from a source tree withou
     ) from err
 
 from fastoptim.ops._scalars import step_scalar
+from fastoptim.ops.kron import kron_balance_, kron_precondition, kron_update_preconditioner_
+from fastoptim.ops.soap import soap_eigenbasis_, soap_gram_, soap_refresh_, soap_rotated_adam_
 from fastoptim.ops.update import decoupled_update_
 
 CUDA_KERNELS_BUILT: bool = _C.cuda_kernels_built
 
-__all__ = ["CUDA_KERNELS_BUILT", "decoupled_update_", "step_scalar"]
+__all__ = [
+    "CUDA_KERNELS_BUILT", "decoupled_update_", "step_scalar",
+    "kron_balance_", "kron_precondition", "kron_update_preconditioner_",
+    "soap_eigenbasis_", "soap_gram_", "soap_refresh_", "soap_rotated_adam_",
+]
