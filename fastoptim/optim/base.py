@@ -1,0 +1,317 @@
+"""The base every fastoptim optimizer stands on: construction, validation, clipping and the fused/pure switch.
+
+A subclass declares its defaults, its state (``state_shapes``) and its update (``update``); the base does the rest
+of a step, in an order that keeps bad input harmless:
+
+1. ``prepare_step`` checks every group's hyperparameters, every gradient and every existing state tensor, and
+   (optionally) that the gradients are finite. Any error is raised here, naming the parameter, before anything is
+   written. Only then is state created for parameters that have none.
+2. ``update(work)`` (the subclass) computes clip scales with ``clip_scales`` where the spec puts the clip and calls
+   its functional cores (``self.functional(family, tensors)``), which update parameters and state in place.
+
+Hyperparameters live in param groups (torch convention); a group built from an nn.Module also carries
+``names``, ``branch`` and ``weight_decay_mask`` (see routing.param_groups). Weight decay applies only where
+``weight_decay_mask`` is True (the default for groups given as tensors), as ``w ← w − lr·(u + λ·w)``.
+"""
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import reduce
+
+import torch
+
+from fastoptim.optim import functional
+from fastoptim.optim.routing import param_groups
+
+# Group keys that are not optimizer options: set by routing, by torch (param_names) or by LR schedulers.
+GROUP_META_KEYS = frozenset({"params", "names", "branch", "weight_decay_mask", "param_names", "initial_lr"})
+
+
+def _is_real_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_lr(value) -> str | None:
+    """A python float or a 0-dim floating tensor (for graph capture); finite and ≥ 0.
+
+    A tensor's value is checked only while it lives on the CPU: reading a device tensor would synchronise.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or not value.is_floating_point():
+            return f"must be a float or a 0-dim floating tensor, got a tensor of shape {tuple(value.shape)}, {value.dtype}"
+        if value.device.type != "cpu":
+            return None
+        value = value.item()
+    elif not _is_real_number(value):
+        return f"must be a float or a 0-dim tensor, got {type(value).__name__}"
+    if not math.isfinite(value) or value < 0:
+        return "must be finite and ≥ 0"
+    return None
+
+
+def check_nonnegative(value) -> str | None:
+    if not _is_real_number(value) or not math.isfinite(value) or value < 0:
+        return "must be a finite number ≥ 0"
+    return None
+
+
+def check_positive(value) -> str | None:
+    if not _is_real_number(value) or not math.isfinite(value) or value <= 0:
+        return "must be a finite number > 0"
+    return None
+
+
+def check_positive_int(value) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return "must be an integer ≥ 1"
+    return None
+
+
+def check_beta(value) -> str | None:
+    if not _is_real_number(value) or not 0 <= value < 1:
+        return "must be a number in [0, 1)"
+    return None
+
+
+def check_betas(value) -> str | None:
+    if not isinstance(value, (tuple, list)) or not all(_is_real_number(b) and 0 <= b < 1 for b in value):
+        return "must be a tuple of numbers, each in [0, 1)"
+    return None
+
+
+# Rules for the option names shared by the optimizers; subclasses extend ``hparam_rules`` with their own.
+COMMON_HPARAM_RULES: Mapping[str, Callable] = {
+    "lr": check_lr,
+    "betas": check_betas,
+    "eps": check_nonnegative,
+    "weight_decay": check_nonnegative,
+    "max_grad_norm": check_nonnegative,
+}
+
+
+def global_clip_scale(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
+    """min(1, max_norm/‖tensors‖₂) over the whole list as a 0-dim tensor (no host sync), or None when off.
+
+    This is optax's clip_by_global_norm (the spec's clip): tensors are left alone while their global norm is below
+    max_norm and scaled onto it otherwise. The norm is computed in the widest dtype of the list.
+    """
+    if max_norm == 0 or not tensors:
+        return None
+    dtype = reduce(torch.promote_types, (t.dtype for t in tensors))
+    device = tensors[0].device
+    norms = torch._foreach_norm(tensors)
+    total = torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]))
+    return (max_norm / total).clamp(max=1.0)
+
+
+def decay_of(group: Mapping) -> float:
+    """The group's weight decay where its mask allows decay, else 0."""
+    return group["weight_decay"] if group.get("weight_decay_mask", True) else 0.0
+
+
+@dataclass
+class GroupWork:
+    """One param group's share of a step: its parameters that have gradients, in group order."""
+
+    group: dict
+    index: int
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    states: list[dict]
+    positions: list[int]  # each parameter's place in group["params"], for error messages
+
+    def state_list(self, key: str) -> list[torch.Tensor]:
+        return [s[key] for s in self.states]
+
+
+class BaseOptimizer(torch.optim.Optimizer):
+    """torch.optim.Optimizer plus fastoptim's conventions; see the module docstring.
+
+    Args (keyword-only, shared by every subclass):
+        fused: None (default) uses the native op of each family when one is available for all its tensors, else
+            pure torch; True requires the native ops (a clear error otherwise); False always runs pure torch.
+        check_finite: False (default), "warn" or "raise"/True: look for NaN/inf gradients before each step (one
+            host sync) and warn, or raise before anything is written, naming the parameters.
+        overrides: for an nn.Module, glob patterns over parameter names → kind (routing.named_kinds).
+    """
+
+    hparam_rules: Mapping[str, Callable] = COMMON_HPARAM_RULES
+    # The functional families this optimizer calls; fused=True checks them all at construction.
+    families: tuple[str, ...] = ()
+    # Which branches max_grad_norm clips (None: every group). Split optimizers clip their elementwise branch only.
+    clipped_branches: frozenset[str] | None = None
+
+    def __init__(self, params, defaults: dict, *, fused=None, check_finite=False, overrides=None):
+        if fused not in (None, True, False):
+            raise ValueError(f"fused: expected None, True or False, got {fused!r}")
+        if check_finite not in (False, True, "warn", "raise"):
+            raise ValueError(f"check_finite: expected False, True, 'warn' or 'raise', got {check_finite!r}")
+        self.fused = fused
+        self.check_finite = "raise" if check_finite is True else check_finite
+        super().__init__(param_groups(params, self.branch_of, overrides), defaults)
+        if fused:
+            for family in self.families:
+                self.functional(family, [p for g in self.param_groups for p in g["params"]])
+
+    # ---- construction --------------------------------------------------------------------------------------
+    @staticmethod
+    def branch_of(kind: str) -> str:
+        """The branch a parameter kind goes to (routing.KINDS); split optimizers override it."""
+        return "default"
+
+    def add_param_group(self, param_group: dict) -> None:
+        index = len(self.param_groups)
+        unknown = sorted(set(param_group) - set(self.defaults) - GROUP_META_KEYS)
+        if unknown:
+            raise ValueError(
+                f"param_groups[{index}]: unknown option(s) {', '.join(map(repr, unknown))} for "
+                f"{type(self).__name__}; its options are {', '.join(sorted(self.defaults))}"
+            )
+        if "branch" not in param_group:  # a group added after construction: route it like the constructor does
+            for routed in param_groups([param_group], self.branch_of):
+                self.add_param_group(routed)
+            return
+        param_group.setdefault("weight_decay_mask", True)
+        for name in param_group.get("names", ()):
+            if not isinstance(name, str):
+                raise ValueError(f"param_groups[{index}]: names must be strings, got {name!r}")
+        super().add_param_group(param_group)
+        self._check_hparams(self.param_groups[-1], index)
+
+    def _check_hparams(self, group: dict, index: int) -> None:
+        for key, rule in self.hparam_rules.items():
+            if key in group and (problem := rule(group[key])) is not None:
+                raise ValueError(f"{self._group_label(group, index)}: {key}={group[key]!r} {problem}")
+
+    # ---- naming ----------------------------------------------------------------------------------------------
+    def _group_label(self, group: dict, index: int) -> str:
+        return f"param_groups[{index}] (branch {group.get('branch', 'default')!r})"
+
+    def param_label(self, group: dict, index: int, position: int) -> str:
+        """How errors name a parameter: its module path when known, else its place in the groups."""
+        names = group.get("names")
+        shape = tuple(group["params"][position].shape)
+        if names and position < len(names):
+            return f"parameter {names[position]!r} (shape {shape})"
+        return f"param_groups[{index}]['params'][{position}] (shape {shape})"
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def state_shapes(self, group: dict, param: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        """Every state tensor of `param` and its shape. Key "step" is the step count: a 0-dim float32 CPU tensor;
+        other tensors have the parameter's dtype and device and start at zero."""
+        raise NotImplementedError
+
+    def init_state(self, group: dict, param: torch.Tensor) -> dict:
+        return {
+            key: torch.zeros((), dtype=torch.float32)
+            if key == "step"
+            else torch.zeros(shape, dtype=param.dtype, device=param.device)
+            for key, shape in self.state_shapes(group, param).items()
+        }
+
+    def check_state(self, group: dict, param: torch.Tensor, state: dict, label: str) -> None:
+        """Raise if an existing state does not fit `param` (a state loaded for another model, a moved parameter)."""
+        for key, shape in self.state_shapes(group, param).items():
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{label}: state[{key!r}] is missing or not a tensor")
+            if key == "step":
+                if value.ndim != 0:
+                    raise ValueError(f"{label}: state['step'] must be a 0-dim tensor, got shape {tuple(value.shape)}")
+                continue
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"{label}: state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(shape)}")
+            if value.device != param.device or value.dtype != param.dtype:
+                raise ValueError(
+                    f"{label}: state[{key!r}] is {value.dtype} on {value.device} but the parameter is "
+                    f"{param.dtype} on {param.device}; move the optimizer state with the parameter"
+                )
+
+    # ---- a step ----------------------------------------------------------------------------------------------
+    def check_grad(self, param: torch.Tensor, grad: torch.Tensor, label: str) -> None:
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise ValueError(f"{label}: sparse gradients are not supported ({type(self).__name__})")
+        if grad.is_complex() or param.is_complex():
+            raise ValueError(f"{label}: complex parameters or gradients are not supported")
+        if not param.is_floating_point():
+            raise ValueError(f"{label}: parameter dtype {param.dtype} is not floating point")
+        if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
+            raise ValueError(
+                f"{label}: gradient is {grad.dtype} {tuple(grad.shape)} on {grad.device} but the parameter is "
+                f"{param.dtype} {tuple(param.shape)} on {param.device}"
+            )
+
+    def prepare_step(self) -> list[GroupWork]:
+        """Check everything, then create missing state; return each group's parameters that have gradients."""
+        work = []
+        for index, group in enumerate(self.param_groups):
+            self._check_hparams(group, index)
+            item = GroupWork(group, index, [], [], [], [])
+            for position, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                label = self.param_label(group, index, position)
+                self.check_grad(param, param.grad, label)
+                if self.state.get(param):
+                    self.check_state(group, param, self.state[param], label)
+                item.params.append(param)
+                item.grads.append(param.grad)
+                item.positions.append(position)
+            work.append(item)
+        if self.check_finite:
+            self._check_finite(work)
+        for item in work:
+            for param in item.params:
+                if not self.state.get(param):
+                    self.state[param] = self.init_state(item.group, param)
+            item.states = [self.state[p] for p in item.params]
+        return work
+
+    def _check_finite(self, work: list[GroupWork]) -> None:
+        flags = [torch.isfinite(g).all() for item in work for g in item.grads]
+        if not flags:
+            return
+        finite = torch.stack([f.cpu() for f in flags]).tolist()
+        labels = [self.param_label(item.group, item.index, pos) for item in work for pos in item.positions]
+        bad = [label for label, ok in zip(labels, finite) if not ok]
+        if bad:
+            message = f"non-finite gradient in {', '.join(bad)}"
+            if self.check_finite == "raise":
+                raise FloatingPointError(message + "; nothing was updated")
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def clip_scales(self, work: list[GroupWork], tensors_of=None) -> dict[int, torch.Tensor | None]:
+        """Global-norm clip scale per group index (None: not clipped).
+
+        The norm runs over the clipped branches' tensors (``tensors_of(item)``, by default the gradients); groups
+        that share a max_grad_norm share one global norm, so the usual single value clips the whole set together.
+        """
+        tensors_of = tensors_of or (lambda item: item.grads)
+        by_limit: dict[float, list[GroupWork]] = {}
+        for item in work:
+            if self.clipped_branches is None or item.group["branch"] in self.clipped_branches:
+                by_limit.setdefault(item.group.get("max_grad_norm", 0.0), []).append(item)
+        scales = {}
+        for limit, items in by_limit.items():
+            scale = global_clip_scale([t for item in items for t in tensors_of(item)], limit)
+            scales.update((item.index, scale) for item in items)
+        return scales
+
+    def functional(self, family: str, tensors: list[torch.Tensor]) -> Callable:
+        """The core of `family` for these tensors: native (fused) or pure torch, per the `fused` switch."""
+        return functional.select(family, tensors, self.fused)
+
+    def update(self, work: list[GroupWork]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.update(self.prepare_step())
+        return loss
+

@@ -1,0 +1,89 @@
+"""PSGD-Kron's preconditioner math on a batch of same-shape blocks (benchmark-spec §1.9), pure torch.
+
+A block batch is (n, *block); per block axis the Kronecker factor is either upper triangular (n, b, b) or
+diagonal (n, b) (`diagonal[axis]`). Factors are updated in place; a native op may replace each function with the
+same signature.
+"""
+
+import torch
+from torch import Tensor
+
+from fastoptim.optim.functional.blocks import along, unfold_gram
+
+
+def _axis_view(q: Tensor, axis: int, ndim: int) -> Tensor:
+    """A diagonal factor (n, b) shaped to broadcast along block axis `axis` of an (n, *block) batch."""
+    shape = [q.shape[0]] + [1] * ndim
+    shape[axis + 1] = q.shape[1]
+    return q.reshape(shape)
+
+
+def _axis_sum_of_squares(x: Tensor, axis: int) -> Tensor:
+    """Σ x² over every block axis but `axis`: (n, b), the diagonal of x_(axis)·x_(axis)ᵀ."""
+    return (x * x).movedim(axis + 1, 1).reshape(x.shape[0], x.shape[axis + 1], -1).sum(-1)
+
+
+def norm_lower_bound(a: Tensor) -> Tensor:
+    """A cheap lower bound of the spectral norm of each symmetric matrix of a (n, b, b) batch (Levanter's): the
+    largest column x, then ‖(x·A/‖x·A‖)·Aᵀ‖, all scaled by max|A|. 0 for a zero matrix."""
+    max_abs = a.abs().amax(dim=(-2, -1))
+    nonzero = max_abs > 0
+    scaled = a / torch.where(nonzero, max_abs, 1.0)[:, None, None]
+    column = (scaled * scaled).sum(-2).argmax(-1)
+    n, b, _ = a.shape
+    x = scaled.gather(-1, column.view(n, 1, 1).expand(n, b, 1)).mT @ scaled  # (n, 1, b)
+    x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    bound = max_abs * torch.linalg.vector_norm(x @ scaled.mT, dim=(-2, -1))
+    return torch.where(nonzero, bound, 0.0)
+
+
+def kron_balance_(qs: list[Tensor]) -> None:
+    """Rescale each block's factors to the geometric mean of their max-abs norms (the product is unchanged)."""
+    norms = torch.stack([q.abs().flatten(1).amax(-1) for q in qs])  # (factors, n)
+    target = norms.log().mean(0).exp()
+    for q, norm in zip(qs, norms):
+        q.mul_((target / norm).view(-1, *[1] * (q.ndim - 1)))
+
+
+def kron_update_preconditioner_(grads: Tensor, qs: list[Tensor], diagonal: tuple[bool, ...], noise: Tensor,
+                                damping: Tensor, *, precond_lr: float) -> None:
+    """One preconditioner step from G (the momentum blocks) and V ~ N(0, I) (`noise`, like G).
+
+    G ← G + damping·V (damping: one factor per block, (n,)); A = Q·G along every axis; conjB = V with each
+    triangular Q_i solved against it (V·Q_i⁻¹ along axis i; V/q for a diagonal factor). Then per factor, from the
+    old factors: term1 = A_(i)A_(i)ᵀ, term2 = conjB_(i)conjB_(i)ᵀ and
+    Q_i ← Q_i − precond_lr/‖term1+term2‖·triu(term1−term2)·Q_i with ‖·‖ the spectral-norm lower bound
+    (diagonal factors: the elementwise terms and max|term1+term2|).
+    """
+    ndim = grads.ndim - 1
+    a = grads + damping.view(-1, *[1] * ndim) * noise
+    conj = noise
+    for axis, (q, diag) in enumerate(zip(qs, diagonal)):
+        if diag:
+            a = a * _axis_view(q, axis, ndim)
+            conj = conj / _axis_view(q, axis, ndim)
+        else:
+            a = along(a, axis, q)
+            moved = conj.movedim(axis + 1, -1)
+            flat = moved.reshape(moved.shape[0], -1, moved.shape[-1])
+            solved = torch.linalg.solve_triangular(q, flat, upper=True, left=False)
+            conj = solved.reshape(moved.shape).movedim(-1, axis + 1)
+    tiny = torch.finfo(grads.dtype).tiny
+    for axis, (q, diag) in enumerate(zip(qs, diagonal)):
+        if diag:
+            term1, term2 = _axis_sum_of_squares(a, axis), _axis_sum_of_squares(conj, axis)
+            step = precond_lr / ((term1 + term2).abs().amax(-1, keepdim=True) + tiny)
+            q.sub_(step * (term1 - term2) * q)
+        else:
+            term1, term2 = unfold_gram(a, axis), unfold_gram(conj, axis)
+            step = precond_lr / (norm_lower_bound(term1 + term2) + tiny)
+            q.sub_(step[:, None, None] * (torch.triu(term1 - term2) @ q))
+
+
+def kron_precondition(grads: Tensor, qs: list[Tensor], diagonal: tuple[bool, ...]) -> Tensor:
+    """(Q_1ᵀQ_1 ⊗ Q_2ᵀQ_2 ⊗ …)·G for each block (diagonal factors: q²·G along their axis)."""
+    ndim = grads.ndim - 1
+    out = grads
+    for axis, (q, diag) in enumerate(zip(qs, diagonal)):
+        out = out * _axis_view(q * q, axis, ndim) if diag else along(out, axis, q.mT @ q)
+    return out

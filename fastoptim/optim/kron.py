@@ -1,0 +1,245 @@
+"""PSGD-Kron: momentum preconditioned by learned Kronecker factors, on blocks of every parameter (spec §1.9)."""
+
+import math
+from collections import defaultdict
+from functools import lru_cache
+
+import torch
+
+from fastoptim.optim.base import (
+    COMMON_HPARAM_RULES,
+    BaseOptimizer,
+    GroupWork,
+    check_nonnegative,
+    check_positive_int,
+    decay_of,
+)
+from fastoptim.optim.functional.blocks import BlockLayout, concat, write_back_
+
+DAMPING = math.sqrt(torch.finfo(torch.float32).eps)  # √eps of float32 (bf16's is too large)
+BLOCK_RMS_LIMIT = 1.1
+BALANCE_EVERY = 100  # preconditioner updates between factor rebalancings
+
+
+def _check_merge_target(value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return "must be an integer ≥ 0 (0: no merging)"
+    return None
+
+
+def _check_probability(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+        return "must be a number in (0, 1]"
+    return None
+
+
+def _check_flag(value):
+    return None if isinstance(value, bool) else "must be True or False"
+
+
+def _check_step(value):
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "must be an integer"
+    return None
+
+
+@lru_cache(maxsize=None)
+def kron_layout(shape: tuple[int, ...], block_size: int, merge_dims_target: int,
+                max_size_triangular: int) -> BlockLayout:
+    """Blocks of a parameter; a factor is diagonal for a 1-D parameter, a size-1 dim or a dim > max_size_triangular
+    (decided on the parameter's own dims; a merged dim is diagonal when all its parts are)."""
+    return BlockLayout.build(shape, block_size, merge_dims_target,
+                             lambda s: [len(s) < 2 or d == 1 or d > max_size_triangular for d in s])
+
+
+def update_probability(step: int, flat_start: int, p_min: float) -> float:
+    """p_t = clip(exp(−0.001·(t − flat_start)), p_min, 1)."""
+    return min(1.0, max(p_min, math.exp(-0.001 * (step - flat_start))))
+
+
+class Kron(BaseOptimizer):
+    """PSGD-Kron (benchmark-spec §1.9), applied to every parameter.
+
+    Layout: small adjacent dims merged towards `merge_dims_target`, dims cut into blocks of `block_size` (the last
+    zero-padded), each block with its own Kronecker factors: upper triangular, or diagonal for 1-D parameters,
+    size-1 dims and dims > `max_size_triangular`; initialised to init_scale^(1/ndim)·I in float32.
+
+    Step t: (normalize_grads: g ← g/(‖g‖+1e-16) per tensor, and then no clipping; else the global-norm clip) →
+    m ← β1 EMA of g, m̂ = m/(1−β1^t) → when the update counter reaches 1/p_t with
+    p_t = clip(exp(−0.001·(t − precond_update_flat_start)), precond_update_prob_min, 1) (then it restarts), one
+    preconditioner update fitted on m̂: draw V ~ N(0, I), damp G = m̂ + √eps_f32·mean|m̂|·V, A = Q·G,
+    conjB = V·Q⁻¹, per factor the normalised triangular step (see functional.kron), and every 100 updates
+    (before the update) the factor norms are balanced → u = (Q_1ᵀQ_1 ⊗ …)·m̂ with the updated factors →
+    u ← u/max(1, rms(u)/1.1) per parameter → w ← w − lr·(u + λw).
+
+    V comes from a torch.Generator per device seeded with `seed`, one N(0, I) draw of shape (num_blocks, *block)
+    per parameter in group order on update steps; the generators, the step and the counters are part of the
+    state dict, so a resumed run draws what an uninterrupted one would.
+
+    Args:
+        params: an nn.Module (the paper's decay mask) or tensors / param groups.
+        lr: learning rate (default 1e-3).
+        betas: (β1, β2): β1 is the momentum; β2 is unused and accepted so that the flat beta1/beta2 keys of the
+            benchmark's configs apply (default (0.9, 0.0)).
+        weight_decay: decoupled decay λ (default 0.1).
+        block_size: block size B (default 256).
+        normalize_grads: normalise each gradient to unit norm, replacing the clip (default False).
+        precond_lr: the factors' step size (default 0.1).
+        precond_update_prob_min: p_min (default 0.05).
+        precond_update_flat_start: steps at p = 1 before the decay (default 500).
+        init_scale: the factors' initial scale (default 1.0).
+        max_size_triangular: larger dims get diagonal factors (default 25000).
+        merge_dims_target: target size of merged small dims, 0 = no merging (default 8192).
+        max_grad_norm: global-norm clip, 0 = off; skipped when normalize_grads (default 1.0).
+        seed: seed of the generators that draw V (default 0).
+        fused, check_finite, overrides: see BaseOptimizer.
+    """
+
+    families = ("kron_update_preconditioner", "kron_precondition", "kron_balance", "apply_update")
+    hparam_rules = {
+        **COMMON_HPARAM_RULES,
+        "block_size": check_positive_int,
+        "normalize_grads": _check_flag,
+        "precond_lr": check_nonnegative,
+        "precond_update_prob_min": _check_probability,
+        "precond_update_flat_start": _check_step,
+        "init_scale": check_nonnegative,
+        "max_size_triangular": check_positive_int,
+        "merge_dims_target": _check_merge_target,
+    }
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.0), weight_decay=0.1, block_size=256, normalize_grads=False,
+                 precond_lr=0.1, precond_update_prob_min=0.05, precond_update_flat_start=500, init_scale=1.0,
+                 max_size_triangular=25000, merge_dims_target=8192, max_grad_norm=1.0, *, seed=0, fused=None,
+                 check_finite=False, overrides=None):
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed: must be an integer, got {seed!r}")
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, block_size=block_size,
+                        normalize_grads=normalize_grads, precond_lr=precond_lr,
+                        precond_update_prob_min=precond_update_prob_min,
+                        precond_update_flat_start=precond_update_flat_start, init_scale=init_scale,
+                        max_size_triangular=max_size_triangular, merge_dims_target=merge_dims_target,
+                        max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults, fused=fused, check_finite=check_finite, overrides=overrides)
+        self.seed = seed
+        self.schedule = {"step": 0, "update_counter": 0, "balance_counter": 0}
+        self.generators: dict[str, torch.Generator] = {}
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def layout(group: dict, param: torch.Tensor) -> BlockLayout:
+        return kron_layout(tuple(param.shape), group["block_size"], group["merge_dims_target"],
+                           group["max_size_triangular"])
+
+    def state_shapes(self, group, param):
+        layout = self.layout(group, param)
+        shapes = {"step": (), "exp_avg": tuple(param.shape)}
+        for axis, (b, diag) in enumerate(zip(layout.block, layout.special)):
+            shapes[f"Q{axis}"] = (layout.num_blocks, b) if diag else (layout.num_blocks, b, b)
+        return shapes
+
+    def init_state(self, group, param):
+        state = super().init_state(group, param)
+        layout = self.layout(group, param)
+        scale = group["init_scale"] ** (1 / len(layout.block))
+        for axis, (b, diag) in enumerate(zip(layout.block, layout.special)):
+            eye = torch.ones(b, device=param.device) if diag else torch.eye(b, device=param.device)
+            state[f"Q{axis}"] = (scale * eye).expand(state[f"Q{axis}"].shape).contiguous()  # float32, as the spec
+        return state
+
+    def check_state(self, group, param, state, label):
+        for key, shape in self.state_shapes(group, param).items():
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{label}: state[{key!r}] is missing or not a tensor")
+            if key == "step":
+                continue
+            dtype = torch.float32 if key.startswith("Q") else param.dtype
+            if tuple(value.shape) != tuple(shape) or value.dtype != dtype or value.device != param.device:
+                raise ValueError(f"{label}: state[{key!r}] is {value.dtype} {tuple(value.shape)} on {value.device}, "
+                                 f"expected {dtype} {tuple(shape)} on {param.device}")
+
+    def state_dict(self):
+        out = super().state_dict()
+        out["kron"] = {**self.schedule, "seed": self.seed,
+                       "generators": {device: gen.get_state() for device, gen in self.generators.items()}}
+        return out
+
+    def load_state_dict(self, state_dict):
+        if "kron" not in state_dict:
+            raise ValueError("state_dict: missing 'kron' (the step, counters and generators of a Kron optimizer)")
+        extra = state_dict["kron"]
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "kron"})
+        self.schedule = {k: int(extra[k]) for k in ("step", "update_counter", "balance_counter")}
+        self.seed = int(extra["seed"])
+        self.generators = {}
+        for device, gen_state in extra["generators"].items():
+            self._generator(torch.device(device)).set_state(gen_state)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self.generators:
+            self.generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[key]
+
+    # ---- a step ------------------------------------------------------------------------------------------------
+    def _schedule_step(self, group: dict) -> bool:
+        """Advance the step and the update counter; whether this step updates the preconditioner."""
+        schedule = self.schedule
+        schedule["step"] += 1
+        schedule["update_counter"] += 1
+        p = update_probability(schedule["step"], group["precond_update_flat_start"], group["precond_update_prob_min"])
+        if schedule["update_counter"] < 1 / p:
+            return False
+        schedule["update_counter"] = 0
+        schedule["balance_counter"] += 1
+        return True
+
+    def update(self, work: list[GroupWork]) -> None:
+        scales = self.clip_scales([item for item in work if not item.group["normalize_grads"]])
+        # One schedule for the whole optimizer (as Levanter's single counter), read from the first group.
+        due = self._schedule_step(self.param_groups[0])
+        balance = due and self.schedule["balance_counter"] >= BALANCE_EVERY
+        if balance:
+            self.schedule["balance_counter"] = 0
+        for item in work:
+            if item.params:
+                self._group_step(item, scales.get(item.index), due, balance)
+
+    def _group_step(self, item: GroupWork, scale, due: bool, balance: bool) -> None:
+        group = item.group
+        grads = item.grads if scale is None else torch._foreach_mul(item.grads, scale)
+        if group["normalize_grads"]:
+            grads = torch._foreach_div(grads, torch._foreach_add(torch._foreach_norm(grads), 1e-16))
+        exp_avgs, steps = item.state_list("exp_avg"), item.state_list("step")
+        beta1 = group["betas"][0]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_add_(steps, 1)
+        layouts = [self.layout(group, p) for p in item.params]
+        blocks = [lay.to_blocks(m).float() / (1 - beta1 ** s.item()) for lay, m, s in zip(layouts, exp_avgs, steps)]
+        noise = [torch.randn(b.shape, generator=self._generator(b.device), device=b.device) if due else None
+                 for b in blocks]
+        batches = defaultdict(list)  # same block shape and factor kinds: one batched call
+        for i, lay in enumerate(layouts):
+            batches[(lay.block, lay.special, item.params[i].device)].append(i)
+        directions = [None] * len(item.params)
+        for (block, diagonal, _), idx in batches.items():
+            factors = [[item.states[i][f"Q{axis}"] for i in idx] for axis in range(len(block))]
+            qs = [concat(f) for f in factors]
+            m = concat([blocks[i] for i in idx])
+            params = [item.params[i] for i in idx]
+            if due:
+                if balance:
+                    self.functional("kron_balance", params)(qs)
+                damping = concat([(DAMPING * blocks[i].abs().mean()).expand(blocks[i].shape[0]) for i in idx])
+                self.functional("kron_update_preconditioner", params)(
+                    m, qs, diagonal, concat([noise[i] for i in idx]), damping, precond_lr=group["precond_lr"])
+                for f, q in zip(factors, qs):
+                    write_back_(f, q)
+            out = self.functional("kron_precondition", params)(m, qs, diagonal)
+            for i, u in zip(idx, out.split([layouts[i].num_blocks for i in idx])):
+                directions[i] = layouts[i].from_blocks(u).to(item.params[i].dtype)
+        for u in directions:
+            u.div_((u.pow(2).mean().sqrt() / BLOCK_RMS_LIMIT).clamp(min=1.0))
+        self.functional("apply_update", item.params)(item.params, directions, lr=group["lr"],
+                                                     weight_decay=decay_of(group))

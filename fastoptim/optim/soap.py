@@ -1,0 +1,131 @@
+"""Soap: Adam in the eigenbasis of Shampoo's Kronecker statistics, on blocks of every parameter (spec §1.10)."""
+
+from collections import defaultdict
+from functools import lru_cache
+
+import torch
+
+from fastoptim.optim.base import COMMON_HPARAM_RULES, BaseOptimizer, GroupWork, check_beta, check_positive_int, decay_of
+from fastoptim.optim.functional.blocks import BlockLayout, concat, write_back_
+
+
+def _check_merge_target(value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return "must be an integer ≥ 0 (0: no merging)"
+    return None
+
+
+@lru_cache(maxsize=None)
+def soap_layout(shape: tuple[int, ...], block_size: int, merge_dims_target: int, max_precond_dim: int) -> BlockLayout:
+    """Blocks of a parameter; an axis of a ≥2-D parameter with size ≥ max_precond_dim (the vocab) is not rotated."""
+    return BlockLayout.build(shape, block_size, merge_dims_target,
+                             lambda s: [len(s) > 1 and d >= max_precond_dim for d in s])
+
+
+class Soap(BaseOptimizer):
+    """SOAP (benchmark-spec §1.10), applied to every parameter.
+
+    Layout: small adjacent dims are merged towards `merge_dims_target`; dims larger than `block_size` are cut into
+    blocks of that size (the last one zero-padded) and the blocks stacked; an axis of size ≥ `max_precond_dim` of a
+    ≥2-D parameter is neither cut nor rotated (plain Adam along it).
+
+    Step 1 only initialises: GG_i = (1−shampoo_beta)·G_(i)G_(i)ᵀ per rotated block axis, Q_i its eigenvectors
+    (eigh of GG_i + eps·I, descending); the direction is zero (weight decay still applies, as in Levanter, where
+    the decay transform follows Soap's zero output). Each later step t, per block:
+    clip (global norm) → m ← β1 EMA of g → v ← β2 EMA of (Qᵀg)² → u = Q(Qᵀm/(√v+ε)) → u·√(1−β2^t)/(1−β1^t) →
+    every `precondition_frequency` steps, from the statistics of before this step, Q ← QR(GG·Q) with Q's columns
+    sorted by diag(QᵀGG Q) (v permuted to match) → GG_i ← lerp(GG_i, G_(i)G_(i)ᵀ, 1−shampoo_beta) →
+    w ← w − lr·(u + λw). t counts the initial step.
+
+    Args:
+        params: an nn.Module (the paper's decay mask) or tensors / param groups.
+        lr: learning rate (default 3e-3).
+        betas: Adam (β1, β2) (default (0.95, 0.99)).
+        shampoo_beta: EMA factor of the Kronecker statistics (default 0.95).
+        eps: ε of the Adam denominator and of the initial eigendecomposition (default 1e-8).
+        weight_decay: decoupled decay λ (default 0.1).
+        precondition_frequency: steps between eigenbasis refreshes (default 10).
+        block_size: block size B (default 256).
+        max_precond_dim: dims at least this large are not rotated (default 10000).
+        merge_dims_target: target size of merged small dims, 0 = no merging (default 2048).
+        max_grad_norm: global-norm clip over all parameters, 0 = off (default 1.0).
+        fused, check_finite, overrides: see BaseOptimizer.
+
+    State per parameter, in the block layout (num_blocks, *block): exp_avg, exp_avg_sq, and per rotated block
+    axis i: GG{i} and Q{i} (num_blocks, b_i, b_i).
+    """
+
+    families = ("soap_init", "soap_step", "apply_update")
+    hparam_rules = {
+        **COMMON_HPARAM_RULES,
+        "shampoo_beta": check_beta,
+        "precondition_frequency": check_positive_int,
+        "block_size": check_positive_int,
+        "max_precond_dim": check_positive_int,
+        "merge_dims_target": _check_merge_target,
+    }
+
+    def __init__(self, params, lr=3e-3, betas=(0.95, 0.99), shampoo_beta=0.95, eps=1e-8, weight_decay=0.1,
+                 precondition_frequency=10, block_size=256, max_precond_dim=10000, merge_dims_target=2048,
+                 max_grad_norm=1.0, *, fused=None, check_finite=False, overrides=None):
+        defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+                        precondition_frequency=precondition_frequency, block_size=block_size,
+                        max_precond_dim=max_precond_dim, merge_dims_target=merge_dims_target,
+                        max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults, fused=fused, check_finite=check_finite, overrides=overrides)
+
+    @staticmethod
+    def layout(group: dict, param: torch.Tensor) -> BlockLayout:
+        return soap_layout(tuple(param.shape), group["block_size"], group["merge_dims_target"],
+                           group["max_precond_dim"])
+
+    def state_shapes(self, group, param):
+        layout = self.layout(group, param)
+        shapes = {"step": (), "exp_avg": (layout.num_blocks, *layout.block),
+                  "exp_avg_sq": (layout.num_blocks, *layout.block)}
+        for axis, (b, unrotated) in enumerate(zip(layout.block, layout.special)):
+            if not unrotated:
+                shapes[f"GG{axis}"] = shapes[f"Q{axis}"] = (layout.num_blocks, b, b)
+        return shapes
+
+    def update(self, work: list[GroupWork]) -> None:
+        scales = self.clip_scales(work)
+        for item in work:
+            group, scale = item.group, scales.get(item.index)
+            batches = defaultdict(list)  # same block shape, rotated axes and step: one batched call
+            for i, p in enumerate(item.params):
+                layout = self.layout(group, p)
+                batches[(layout.block, layout.special, p.dtype, p.device, int(item.states[i]["step"]))].append(i)
+            for (block, special, *_, done), idx in batches.items():
+                self._batch_step(item, idx, len(block), done + 1, scale)
+
+    def _batch_step(self, item: GroupWork, idx: list[int], ndim: int, step: int, scale) -> None:
+        group = item.group
+        params = [item.params[i] for i in idx]
+        states = [item.states[i] for i in idx]
+        layouts = [self.layout(group, p) for p in params]
+        grads = [lay.to_blocks(item.grads[i] if scale is None else item.grads[i] * scale)
+                 for lay, i in zip(layouts, idx)]
+        keys = ["exp_avg", "exp_avg_sq"] + [f"{k}{a}" for a in range(ndim) for k in ("GG", "Q")]
+        per_key = {k: [s[k] for s in states] for k in keys if k in states[0]}
+        batched = {k: concat(v) for k, v in per_key.items()}
+        ggs = [batched.get(f"GG{a}") for a in range(ndim)]
+        qs = [batched.get(f"Q{a}") for a in range(ndim)]
+        grad_batch = concat(grads)
+        if step == 1:
+            self.functional("soap_init", params)(grad_batch, ggs, qs, shampoo_beta=group["shampoo_beta"],
+                                                 eps=group["eps"])
+            directions = [torch.zeros_like(p) for p in params]
+        else:
+            beta1, beta2 = group["betas"]
+            soap_step = self.functional("soap_step", params)
+            out = soap_step(grad_batch, batched["exp_avg"], batched["exp_avg_sq"], ggs, qs, step=step, beta1=beta1,
+                            beta2=beta2, shampoo_beta=group["shampoo_beta"], eps=group["eps"],
+                            refresh=step % group["precondition_frequency"] == 0)
+            sizes = [lay.num_blocks for lay in layouts]
+            directions = [lay.from_blocks(u) for lay, u in zip(layouts, out.split(sizes))]
+        for key, tensors in per_key.items():
+            write_back_(tensors, batched[key])
+        for s in states:
+            s["step"] += 1
+        self.functional("apply_update", params)(params, directions, lr=group["lr"], weight_decay=decay_of(group))

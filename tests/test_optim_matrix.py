@@ -1,0 +1,631 @@
+"""Muon, Scion, Soap and Kron against the float64 references of reference_matrix.py (benchmark-spec §1.7–§1.10)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastoptim
+from fastoptim.optim.functional.newton_schulz import newton_schulz
+from reference_matrix import adamw_step, clip_, muon_matrix_step, ns_reference, signum_step
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def random_params(shapes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+
+
+def random_grads(params, gen, scale=1.0):
+    return [scale * torch.randn(p.shape, generator=gen) for p in params]
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def assert_close(actual, expected, rtol, atol):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+class Attention(nn.Module):
+    def __init__(self, d, n_heads):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d // n_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, d, n_heads, hidden):
+        super().__init__()
+        self.attn_norm, self.attn = nn.RMSNorm(d), Attention(d, n_heads)
+        self.mlp_norm, self.mlp = nn.RMSNorm(d), MLP(d, hidden)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TinyLlama(nn.Module):
+    """A tiny Llama with the module names of TEAM.md (the routing relies on them)."""
+
+    def __init__(self, vocab=64, d=32, n_heads=4, hidden=64, n_layers=2):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Block(d, n_heads, hidden) for _ in range(n_layers))
+        self.norm, self.lm_head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm(x))
+
+
+def train_tiny(make_optimizer, steps=40, seed=0):
+    torch.manual_seed(seed)
+    model = TinyLlama()
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(seed))
+    opt = make_optimizer(model)
+    losses = []
+    for _ in range(steps):
+        logits = model(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 64), tokens[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def run_and_resume(make, params_of, steps, seed):
+    """Run 2·steps in one go, and steps + state_dict round trip + steps; return both final parameter lists."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [random_grads(params_of[0], gen) for _ in range(2 * steps)]
+    straight = [p.detach().clone().requires_grad_() for p in params_of[0]]
+    opt = make(straight)
+    for g in grads:
+        set_grads(straight, g)
+        opt.step()
+    first = [p.detach().clone().requires_grad_() for p in params_of[0]]
+    opt = make(first)
+    for g in grads[:steps]:
+        set_grads(first, g)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = [p.detach().clone().requires_grad_() for p in first]
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved)
+    for g in grads[steps:]:
+        set_grads(resumed, g)
+        opt2.step()
+    return straight, resumed
+
+
+# ---------------------------------------------------------------- Newton–Schulz
+
+NS_SHAPES = [(1, 16, 16), (3, 24, 8), (2, 8, 24), (5, 7, 13), (1, 40, 40)]
+
+
+@pytest.mark.parametrize("shape", NS_SHAPES)
+@pytest.mark.parametrize("steps", [5, 10])
+def test_newton_schulz_matches_float64_reference(shape, steps):
+    # Singular values kept away from 0: there the iteration's slope (3.4445 per step) amplifies float32 rounding
+    # beyond any fixed tolerance, for the library and any other float32 implementation alike.
+    gen = torch.Generator().manual_seed(sum(shape) * steps)
+    n, m, k = shape
+    u, _ = torch.linalg.qr(torch.randn(n, m, min(m, k), generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, k, min(m, k), generator=gen))
+    s = 0.05 + torch.rand(n, min(m, k), generator=gen)
+    x = (u * s[:, None, :]) @ v.mT * 3.0
+    out = newton_schulz(x, steps, 1e-7)
+    expected = torch.stack([ns_reference(m, steps, 1e-7) for m in x])
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert_close(out, expected, rtol=1e-4, atol=2e-5)
+
+
+def _quintic_band():
+    """Where the scalar quintic leaves singular values: iterate it from a fine grid of (0, 1] to its attractor."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = torch.linspace(1e-3, 1, 10_000, dtype=torch.float64)
+    for _ in range(60):
+        x = a * x + b * x**3 + c * x**5
+    return x.min().item(), x.max().item()
+
+
+def test_newton_schulz_singular_values_reach_the_quintic_band():
+    lo, hi = _quintic_band()
+    assert 0.6 < lo < 0.7 and 1.1 < hi < 1.2  # the known ~[0.68, 1.13]
+    # 10 steps bring any full-rank matrix into the band; 5 steps suffice for well-conditioned rectangular ones.
+    for steps, shapes in ((10, [(4, 64, 64), (2, 20, 50)]), (5, [(3, 32, 128), (3, 128, 32)])):
+        for shape in shapes:
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(steps))
+            singular = torch.linalg.svdvals(newton_schulz(x, steps, 1e-7).double())
+            assert singular.min() >= lo - 1e-3 and singular.max() <= hi + 1e-3, (steps, shape)
+
+
+def test_newton_schulz_zero_input_is_finite_zero():
+    out = newton_schulz(torch.zeros(2, 6, 9), 5, 1e-7)
+    assert torch.equal(out, torch.zeros(2, 6, 9))
+
+
+def test_newton_schulz_rejects_non_batched_input():
+    with pytest.raises(ValueError, match="x: expected a batch"):
+        newton_schulz(torch.randn(4, 4), 5, 1e-7)
+
+
+# ---------------------------------------------------------------- Muon and Scion
+
+MATRIX_SHAPES = [(24, 8), (8, 24), (16, 16), (8, 4, 3), (16, 16)]  # tall, wide, square, >2-D, a same-shape twin
+VECTOR_SHAPES = [(16,), (24,)]
+
+
+def _split_setup(seed):
+    params = random_params(MATRIX_SHAPES + VECTOR_SHAPES, seed)
+    matrices, vectors = params[:3], params[5:]
+    others = params[3:5]
+    return params, matrices, others, vectors
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("scale", ["spectral", "moonlight"])
+def test_muon_matches_reference(nesterov, scale):
+    params, matrices, others, vectors = _split_setup(seed=1)
+    groups = [
+        {"params": matrices},  # routed to the muon branch (≥ 2 dims)
+        {"params": others, "lr": 0.01, "momentum": 0.8, "ns_steps": 10},
+        {"params": vectors, "weight_decay": 0.0},  # routed to the adamw branch (1-D)
+    ]
+    hp = dict(lr=0.02, momentum=0.95, nesterov=nesterov, ns_steps=5, muon_eps=1e-7, betas=(0.8, 0.98), eps=1e-8,
+              weight_decay=0.1, max_grad_norm=0.5, adam_lr_ratio=0.3, scale=scale)
+    opt = fastoptim.Muon(groups, **hp)
+    assert [g["branch"] for g in opt.param_groups] == ["muon", "muon", "adamw"]
+
+    ref = [p.detach().double().clone() for p in params]
+    states = [{} for _ in params]
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        grads = random_grads(params, gen)
+        set_grads(params, grads)
+        opt.step()
+        for i in range(5):
+            g_hp = dict(lr=0.02, momentum=0.95, ns_steps=5) if i < 3 else dict(lr=0.01, momentum=0.8, ns_steps=10)
+            muon_matrix_step(ref[i], grads[i], states[i], nesterov=nesterov, eps=1e-7, weight_decay=0.1, scale=scale,
+                             **g_hp)
+        clipped = clip_([grads[5], grads[6]], 0.5)
+        for i, g in zip((5, 6), clipped):
+            adamw_step(ref[i], g, states[i], lr=0.02 * 0.3, betas=(0.8, 0.98), eps=1e-8, weight_decay=0.0)
+    for p, r in zip(params, ref):
+        assert_close(p.detach(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_scion_matches_reference():
+    params, matrices, others, vectors = _split_setup(seed=3)
+    groups = [{"params": matrices}, {"params": others, "lr": 0.005, "ns_steps": 5}, {"params": vectors}]
+    opt = fastoptim.Scion(groups, lr=0.02, momentum=0.9, ns_steps=10, scion_eps=1e-7, betas=(0.9, 0.98),
+                          weight_decay=0.1, max_grad_norm=0.5, signum_lr_ratio=0.1)
+    assert [g["branch"] for g in opt.param_groups] == ["scion", "scion", "signum"]
+    ref = [p.detach().double().clone() for p in params]
+    states = [{} for _ in params]
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        grads = random_grads(params, gen)
+        set_grads(params, grads)
+        opt.step()
+        for i in range(5):
+            lr, steps = (0.02, 10) if i < 3 else (0.005, 5)
+            muon_matrix_step(ref[i], grads[i], states[i], lr=lr, momentum=0.9, nesterov=False, ns_steps=steps,
+                             eps=1e-7, weight_decay=0.1, ema=True)
+        for i, g in zip((5, 6), clip_([grads[5], grads[6]], 0.5)):
+            signum_step(ref[i], g, states[i], lr=0.002, beta=0.9, weight_decay=0.1)
+    for p, r in zip(params, ref):
+        assert_close(p.detach(), r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("scale, adjust_lr_fn", [("spectral", None), ("moonlight", "match_rms_adamw")])
+def test_muon_agrees_with_torch_muon(nesterov, scale, adjust_lr_fn):
+    """torch.optim.Muon keeps an EMA buffer (ours is undampened: the same direction up to a factor NS removes)
+    and iterates in bf16, so the agreement is to bf16 accuracy."""
+    shapes = [(32, 16), (16, 48), (24, 24)]
+    ours, theirs = random_params(shapes, 5), random_params(shapes, 5)
+    opt = fastoptim.Muon([{"params": ours}], lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1,
+                         scale=scale, muon_eps=1e-7)
+    peer = torch.optim.Muon(theirs, lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1,
+                            adjust_lr_fn=adjust_lr_fn, eps=1e-7)
+    start = [p.detach().clone() for p in ours]
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        grads = random_grads(ours, gen)
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        peer.step()
+    for p, q, s in zip(ours, theirs, start):
+        moved = (q.detach() - s).abs().max().item()
+        torch.testing.assert_close(p.detach() - s, q.detach() - s, rtol=0, atol=0.03 * moved)
+
+
+def test_split_routes_a_llama_model_as_the_spec_says():
+    model = TinyLlama(n_layers=1)
+    for cls, matrix, elementwise in ((fastoptim.Muon, "muon", "adamw"), (fastoptim.Scion, "scion", "signum")):
+        opt = cls(model)
+        where = {name: (g["branch"], g["weight_decay_mask"]) for g in opt.param_groups for name in g["names"]}
+        hidden = [f"layers.0.attn.{n}_proj.weight" for n in "qkvo"] + [
+            f"layers.0.mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+        for name in hidden:
+            assert where[name] == (matrix, True)
+        assert where["embed_tokens.weight"] == (elementwise, False)
+        assert where["lm_head.weight"] == (elementwise, True)  # the head is decayed (spec: default mask)
+        for name in ("layers.0.attn_norm.weight", "layers.0.mlp_norm.weight", "norm.weight"):
+            assert where[name] == (elementwise, False)
+        assert len(where) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: fastoptim.Muon(m, lr=0.02, adam_lr_ratio=0.2, weight_decay=0.0),
+    lambda m: fastoptim.Scion(m, lr=0.02, signum_lr_ratio=0.1, weight_decay=0.0),
+], ids=["muon", "scion"])
+def test_tiny_llama_loss_falls(make):
+    losses = train_tiny(make)
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: fastoptim.Muon([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.01}], max_grad_norm=0.5),
+    lambda ps: fastoptim.Scion([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.01}], max_grad_norm=0.5),
+], ids=["muon", "scion"])
+def test_state_dict_round_trip_continues_identically(make):
+    params = random_params([(12, 8), (8, 4, 2), (12,), (5,)], seed=7)
+    straight, resumed = run_and_resume(make, [params], steps=3, seed=8)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def test_zero_gradient_gives_finite_zero_update():
+    params = random_params([(8, 6), (6,)], seed=9)
+    before = [p.detach().clone() for p in params]
+    for cls in (fastoptim.Muon, fastoptim.Scion):
+        opt = cls(params, weight_decay=0.0)
+        set_grads(params, [torch.zeros_like(p) for p in params])
+        opt.step()
+        for p, b in zip(params, before):
+            assert torch.isfinite(p).all() and torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(momentum=1.0), "momentum"),
+    (dict(betas=(1.0, 0.9)), "betas"), (dict(ns_steps=-1), "ns_steps"), (dict(scale="kimi"), "scale"),
+    (dict(muon_eps=-1e-7), "muon_eps"), (dict(max_grad_norm=-1.0), "max_grad_norm"),
+])
+def test_muon_rejects_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastoptim.Muon(random_params([(4, 4)], 0), **kwargs)
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match="signum_lr_ratio"):
+        fastoptim.Muon([{"params": random_params([(4, 4)], 0), "signum_lr_ratio": 0.1}])
+    with pytest.raises(ValueError, match="nesterov"):
+        fastoptim.build_optimizer("scion", TinyLlama(n_layers=1), {"nesterov": True})
+
+
+def _assert_untouched_on_error(opt, params, match):
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    after = opt.state_dict()["state"]
+    assert state_before.keys() == after.keys()
+    for k in after:
+        for key, value in after[k].items():
+            assert torch.equal(value, state_before[k][key])
+
+
+@pytest.mark.parametrize("cls", [fastoptim.Muon, fastoptim.Scion])
+def test_bad_gradients_leave_parameters_and_state_untouched(cls):
+    params = random_params([(6, 4), (6,)], seed=10)
+    opt = cls(params)
+    set_grads(params, [torch.randn(p.shape) for p in params])
+    opt.step()
+    params[0].grad = torch.randn(6, 4).to_sparse()
+    params[1].grad = torch.randn(6)
+    _assert_untouched_on_error(opt, params, "sparse")
+    params[0].grad = torch.randn(6, 4)
+    opt.state[params[1]][next(iter(opt.state[params[1]].keys() - {"step"}))] = torch.zeros(6, dtype=torch.float64)
+    _assert_untouched_on_error(opt, params, "state")
+
+
+@pytest.mark.parametrize("cls", [fastoptim.Muon, fastoptim.Scion])
+def test_complex_parameters_are_rejected(cls):
+    params = [torch.randn(4, 4, dtype=torch.complex64, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = cls(params)
+    set_grads(params, [torch.randn_like(p) for p in params])
+    _assert_untouched_on_error(opt, params, "complex")
+
+
+def test_vector_forced_into_the_matrix_branch_is_an_error():
+    params = random_params([(6,)], seed=11)
+    opt = fastoptim.Muon([{"params": params, "branch": "muon"}])
+    params[0].grad = torch.randn(6)
+    _assert_untouched_on_error(opt, params, "needs ≥ 2 dims")
+
+
+# ---------------------------------------------------------------- Soap
+
+def structured_grads(shape, steps, rank, gen):
+    """Gradients G_t = H_t ×_i U_i with fixed per-axis factors U_i (d_i × rank): every block's statistics have the
+    same fixed column spaces from the first step on. Soap's eigenbasis is only defined up to a rotation within a
+    null space of the first step's statistics; these gradients never enter it, so the result does not depend on
+    that arbitrary choice (random full-rank gradients on padded or rectangular blocks would)."""
+    factors = [torch.randn(d, min(d, rank), generator=gen) for d in shape]
+    out = []
+    for _ in range(steps):
+        g = torch.randn([u.shape[1] for u in factors], generator=gen)
+        for axis, u in enumerate(factors):
+            g = torch.tensordot(u, g, dims=([1], [axis])).movedim(0, axis)
+        out.append(g)
+    return out
+
+
+def run_soap(shapes, grads_per_step, refs, hp, ref_hp):
+    from reference_matrix import soap_step
+    params = random_params(shapes, 12)
+    opt = fastoptim.Soap(params, **hp)
+    ref = [p.detach().double().clone() for p in params]
+    states = [{} for _ in params]
+    for grads in grads_per_step:
+        set_grads(params, grads)
+        opt.step()
+        for p, g, st, r in zip(ref, clip_(grads, hp["max_grad_norm"]), states, refs):
+            soap_step(p, g, st, **r, **ref_hp)
+    return params, ref
+
+
+SOAP_HP = dict(lr=0.01, betas=(0.9, 0.95), shampoo_beta=0.9, weight_decay=0.1, precondition_frequency=3,
+               block_size=4, max_precond_dim=16, max_grad_norm=2.0)
+SOAP_REF_HP = dict(lr=0.01, betas=(0.9, 0.95), shampoo_beta=0.9, weight_decay=0.1, freq=3)
+
+
+def test_soap_matches_reference_on_full_blocks():
+    # square, tall and wide matrices cut into full 4×4 blocks, a 3-D tensor, and a dim ≥ max_precond_dim
+    shapes = [(8, 8), (8, 4), (4, 12), (4, 2, 2), (4, 20)]
+    refs = [dict(merged=(8, 8), block_shape=(4, 4), rotate=(True, True)),
+            dict(merged=(8, 4), block_shape=(4, 4), rotate=(True, True)),
+            dict(merged=(4, 12), block_shape=(4, 4), rotate=(True, True)),
+            dict(merged=(4, 2, 2), block_shape=(4, 2, 2), rotate=(True, True, True)),
+            dict(merged=(4, 20), block_shape=(4, 20), rotate=(True, False))]
+    gen = torch.Generator().manual_seed(13)
+    steps = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(7)]
+    params, ref = run_soap(shapes, steps, refs, dict(SOAP_HP, eps=1e-8, merge_dims_target=0),
+                           dict(SOAP_REF_HP, eps=1e-8))
+    for p, r in zip(params, ref):
+        assert_close(p.detach(), r, rtol=1e-4, atol=1e-5)
+
+
+def test_soap_matches_reference_on_padded_and_merged_blocks():
+    from fastoptim.optim.functional.blocks import merge_groups
+    assert merge_groups((2, 3, 4), 6) == [[0, 1], [2]]  # costs: (6, 4) 0.58 < (2, 3, 4) 3.17 < (2, 12) < (24)
+    shapes = [(6, 10), (6,), (3,), (2, 3, 4)]  # dims not multiples of 4; 1-D; merged to (6, 4)
+    refs = [dict(merged=(6, 10), block_shape=(4, 4), rotate=(True, True)),
+            dict(merged=(6,), block_shape=(4,), rotate=(True,)),
+            dict(merged=(3,), block_shape=(3,), rotate=(True,)),
+            dict(merged=(6, 4), block_shape=(4, 4), rotate=(True, True))]
+    gen = torch.Generator().manual_seed(14)
+    per_param = [[g.reshape(s) for g in structured_grads(r["merged"], 7, rank=1 if len(s) == 1 else 2, gen=gen)]
+                 for s, r in zip(shapes, refs)]  # structured in the merged shape, where the statistics live
+    steps = [list(gs) for gs in zip(*per_param)]
+    # eps well above float32 rounding of the (empty) null-space components, which it divides
+    params, ref = run_soap(shapes, steps, refs, dict(SOAP_HP, eps=1e-3, merge_dims_target=6),
+                           dict(SOAP_REF_HP, eps=1e-3))
+    for p, r in zip(params, ref):
+        assert_close(p.detach(), r, rtol=1e-4, atol=2e-5)
+
+
+def test_soap_first_step_only_initialises():
+    params = random_params([(8, 6), (5,)], 15)
+    before = [p.detach().clone() for p in params]
+    opt = fastoptim.Soap(params, lr=0.1, weight_decay=0.0, block_size=4, merge_dims_target=0)
+    set_grads(params, [torch.randn(p.shape) for p in params])
+    opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    state = opt.state[params[0]]
+    assert torch.count_nonzero(state["exp_avg"]) == 0 and torch.count_nonzero(state["exp_avg_sq"]) == 0
+    q = state["Q0"]  # orthonormal eigenbases, eigenvalues descending
+    torch.testing.assert_close(q.mT @ q, torch.eye(4).expand_as(q), atol=1e-5, rtol=0)
+    eig = torch.diagonal(q.mT @ state["GG0"] @ q, dim1=-2, dim2=-1)
+    assert (eig[:, :-1] >= eig[:, 1:] - 1e-6).all()
+    # with decay, the first step is w ← w − lr·λ·w only
+    opt = fastoptim.Soap(params, lr=0.1, weight_decay=0.5)
+    opt.step()
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.detach(), b * (1 - 0.05), rtol=1e-6, atol=0)
+
+
+def test_soap_zero_gradient_gives_finite_zero_update():
+    params = random_params([(8, 6), (5,)], 16)
+    before = [p.detach().clone() for p in params]
+    opt = fastoptim.Soap(params, weight_decay=0.0, block_size=4)
+    for _ in range(4):
+        set_grads(params, [torch.zeros_like(p) for p in params])
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_soap_state_dict_round_trip_and_groups():
+    make = lambda ps: fastoptim.Soap([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.002, "block_size": 3}],
+                                     block_size=4, precondition_frequency=2, merge_dims_target=0)
+    params = random_params([(8, 6), (6, 8), (7,), (5, 4)], 17)
+    straight, resumed = run_and_resume(make, [params], steps=3, seed=18)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def test_soap_tiny_llama_loss_falls():
+    losses = train_tiny(lambda m: fastoptim.Soap(m, lr=0.01, block_size=16, weight_decay=0.0))
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(shampoo_beta=1.0), "shampoo_beta"), (dict(block_size=0), "block_size"),
+    (dict(precondition_frequency=0), "precondition_frequency"), (dict(merge_dims_target=-1), "merge_dims_target"),
+    (dict(betas=(0.9, 1.0)), "betas"), (dict(lr=float("inf")), "lr"),
+])
+def test_soap_rejects_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastoptim.Soap(random_params([(4, 4)], 0), **kwargs)
+
+
+# ---------------------------------------------------------------- Kron
+
+KRON_HP = dict(betas=(0.9, 0.0), weight_decay=0.1, block_size=4, precond_lr=0.2, precond_update_prob_min=0.1,
+               precond_update_flat_start=3, init_scale=1.0, max_size_triangular=16, max_grad_norm=2.0)
+
+
+def run_kron(groups_spec, steps, grad_seed, hp=KRON_HP):
+    """groups_spec: list of (shapes, refs, group options); the library and the float64 reference side by side."""
+    from reference_matrix import kron_step
+    params = [random_params(shapes, 20 + k) for k, (shapes, _, _) in enumerate(groups_spec)]
+    opt = fastoptim.Kron([dict(params=ps, **opts) for ps, (_, _, opts) in zip(params, groups_spec)], **hp, seed=5)
+    refs = [[p.detach().double().clone() for p in ps] for ps in params]
+    states = [[{} for _ in ps] for ps in params]
+    gen, noise_gen = torch.Generator().manual_seed(grad_seed), torch.Generator().manual_seed(5)
+    draw = lambda shape: torch.randn(shape, generator=noise_gen).double()  # the library's draw order
+    updated = []
+    for _ in range(steps):
+        grads = [random_grads(ps, gen) for ps in params]
+        for ps, gs in zip(params, grads):
+            set_grads(ps, gs)
+        opt.step()
+        for k, (shapes, layouts, opts) in enumerate(groups_spec):
+            g_hp = {**hp, **opts}
+            gs = grads[k] if g_hp.get("normalize_grads") else clip_(grads[k], g_hp["max_grad_norm"])
+            for p, g, st, lay in zip(refs[k], gs, states[k], layouts):
+                updated.append(kron_step(
+                    p, g, st, draw, **lay, lr=g_hp["lr"], beta1=g_hp["betas"][0], weight_decay=g_hp["weight_decay"],
+                    normalize_grads=g_hp.get("normalize_grads", False), precond_lr=g_hp["precond_lr"],
+                    p_min=g_hp["precond_update_prob_min"], flat_start=g_hp["precond_update_flat_start"],
+                    init_scale=g_hp["init_scale"]))
+    return params, refs, updated
+
+
+def test_kron_matches_reference():
+    group_a = ([(8, 8), (6, 10), (5,), (4, 20)],
+               [dict(merged=(8, 8), block_shape=(4, 4), diagonal=(False, False)),
+                dict(merged=(6, 10), block_shape=(4, 4), diagonal=(False, False)),  # padded blocks
+                dict(merged=(5,), block_shape=(5,), diagonal=(True,)),  # 1-D: diagonal, not split
+                dict(merged=(4, 20), block_shape=(4, 20), diagonal=(False, True))],  # 20 > max_size_triangular
+               dict(lr=0.01, merge_dims_target=0))
+    group_b = ([(2, 3, 4), (12, 4)],
+               [dict(merged=(6, 4), block_shape=(4, 4), diagonal=(False, False)),  # merged (2·3, 4)
+                dict(merged=(12, 4), block_shape=(4, 4), diagonal=(False, False))],
+               dict(lr=0.003, merge_dims_target=6, normalize_grads=True))
+    params, refs, updated = run_kron([group_a, group_b], steps=7, grad_seed=21)
+    # flat start 3: steps 1–3 update; then p = e^(−0.001·(t−3)) < 1 makes every other step wait once
+    per_step = [updated[6 * s] for s in range(7)]
+    assert per_step == [True, True, True, False, True, False, True]
+    for ps, rs in zip(params, refs):
+        for p, r in zip(ps, rs):
+            assert_close(p.detach(), r, rtol=1e-4, atol=1e-5)
+
+
+def test_kron_rebalances_after_100_updates_like_the_reference():
+    group = ([(8, 4), (3,)], [dict(merged=(8, 4), block_shape=(4, 4), diagonal=(False, False)),
+                              dict(merged=(3,), block_shape=(3,), diagonal=(True,))], dict(lr=0.003))
+    hp = dict(KRON_HP, precond_update_flat_start=10_000, merge_dims_target=0)
+    params, refs, updated = run_kron([group], steps=103, grad_seed=22, hp=hp)
+    assert all(updated)
+    for p, r in zip(params[0], refs[0]):
+        assert_close(p.detach(), r, rtol=1e-3, atol=1e-4)
+
+
+def test_kron_update_schedule_follows_the_counter_rule():
+    def update_steps(flat_start, p_min, steps):
+        params = random_params([(4, 4)], 23)
+        opt = fastoptim.Kron(params, block_size=4, precond_update_flat_start=flat_start,
+                             precond_update_prob_min=p_min, merge_dims_target=0)
+        gen, out = torch.Generator().manual_seed(24), []
+        for t in range(1, steps + 1):
+            set_grads(params, random_grads(params, gen))
+            state = opt.state.get(params[0])
+            before = state["Q0"].clone() if state else torch.eye(4)[None]  # the factor starts at init_scale·I
+            opt.step()
+            if not torch.equal(before, opt.state[params[0]]["Q0"]):
+                out.append(t)
+        return out
+
+    # p = p_min = 0.5 throughout (t − flat_start ≫ 1000): the counter reaches 1/p = 2 on every second step
+    assert update_steps(-5000, 0.5, 9) == [2, 4, 6, 8]
+    # p_min = 0.25: every fourth step
+    assert update_steps(-5000, 0.25, 12) == [4, 8, 12]
+    # flat start 4: p = 1 through t = 4, then p slightly below 1 needs a second count each time
+    assert update_steps(4, 0.1, 9) == [1, 2, 3, 4, 6, 8]
+
+
+def test_kron_state_dict_round_trip_continues_identically():
+    make = lambda ps: fastoptim.Kron([{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-4, "normalize_grads": True}],
+                                     block_size=4, merge_dims_target=0, precond_update_flat_start=2,
+                                     precond_update_prob_min=0.3, seed=3)
+    params = random_params([(8, 6), (6,), (5, 4), (3, 2, 2)], 25)
+    straight, resumed = run_and_resume(make, [params], steps=4, seed=26)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def test_kron_zero_gradient_gives_finite_zero_update():
+    params = random_params([(8, 6), (5,)], 27)
+    before = [p.detach().clone() for p in params]
+    opt = fastoptim.Kron(params, weight_decay=0.0, block_size=4)
+    for _ in range(3):
+        set_grads(params, [torch.zeros_like(p) for p in params])
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_kron_tiny_llama_loss_falls():
+    losses = train_tiny(lambda m: fastoptim.Kron(m, lr=0.03, block_size=16, weight_decay=0.0, normalize_grads=True))
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.6 * losses[0]
+
+
+def test_kron_load_rejects_a_foreign_state_dict():
+    params = random_params([(4, 4)], 28)
+    other = fastoptim.Soap(params)
+    with pytest.raises(ValueError, match="kron"):
+        fastoptim.Kron(params).load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(precond_update_prob_min=0.0), "precond_update_prob_min"), (dict(block_size=0), "block_size"),
+    (dict(normalize_grads=1), "normalize_grads"), (dict(precond_lr=-0.1), "precond_lr"),
+    (dict(betas=(1.2, 0.0)), "betas"), (dict(seed=1.5), "seed"), (dict(max_size_triangular=0), "max_size_triangular"),
+])
+def test_kron_rejects_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastoptim.Kron(random_params([(4, 4)], 0), **kwargs)
