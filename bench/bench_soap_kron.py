@@ -1,7 +1,11 @@
-"""A Soap and a Kron step over a whole model's parameters (the spec's 130M and 520M sets on a GPU, small sets on a
+"""A Soap and a Kron step over a whole model's parameters, and their preconditioner math alone (the spec's 130M and 520M sets on a GPU, small sets on a
 CPU): fastoptim on its ops (fused=None: the native op of every family that has one) and on pure torch (fused=False), beside heavyball's SOAP and PSGD-Kron and
 kron-torch's Kron where installed. Matrix-bound: the reference is a matmul of the step's matrix FLOPs; extra_info
 also holds the optimizer-state memory of each backend and the configuration it ran.
+
+The preconditioner benchmarks time the per-step math on every same-shape block batch of the model (state made
+by one optimizer step): the native ops against the pure-torch cores they replace, with FLOPs counted for exactly
+what both compute.
 
 The peers run with their own defaults except for the shared settings below (no step of theirs is the same function
 as ours: heavyball's SOAP does not cut blocks, kron-torch samples its update schedule), so the comparison is of the
@@ -84,8 +88,15 @@ def ours(name, fused):
     return build
 
 
-def heavyball_soap(model, device):
+def _heavyball(device):
     heavyball = require_peer("heavyball")
+    if device.type != "cuda":  # its default torch.compile takes minutes per shape set on a CPU
+        heavyball.utils.compile_mode = None
+    return heavyball
+
+
+def heavyball_soap(model, device):
+    heavyball = _heavyball(device)
     return heavyball.SOAP(model.parameters(), lr=SOAP["lr"], betas=SOAP["betas"], shampoo_beta=SOAP["shampoo_beta"],
                           eps=SOAP["eps"], weight_decay=SOAP["weight_decay"],
                           precondition_frequency=SOAP["precondition_frequency"], max_precond_dim=10000,
@@ -93,7 +104,7 @@ def heavyball_soap(model, device):
 
 
 def heavyball_kron(model, device):
-    heavyball = require_peer("heavyball")
+    heavyball = _heavyball(device)
     return heavyball.PSGDKron(model.parameters(), lr=KRON["lr"], betas=(KRON["betas"][0], 0.0),
                               weight_decay=KRON["weight_decay"], precond_lr=KRON["precond_lr"],
                               max_size_triangular=25000, compile_step=device.type == "cuda")
@@ -116,10 +127,107 @@ FLOPS = {"soap": soap_flops, "kron": kron_flops}
 @pytest.mark.parametrize("optimizer, backend", [(o, b) for o, backends in BACKENDS.items() for b in backends])
 def test_step(measure, benchmark, model_set, bench_device, optimizer, backend):
     model = param_model(model_set, bench_device)
+    grads = [(p, p.grad) for p in model.parameters()]
+
+    def restore_grads():  # untimed; heavyball drops p.grad after its step
+        for p, g in grads:
+            p.grad = g
+
     opt = BACKENDS[optimizer][backend](model, bench_device)
     opt.step()  # Soap's first step only initialises its eigenbases; every optimizer allocates its state here
-    measure(opt.step, family=f"step-{optimizer}", shapes=model_set, backend=backend, bound="matrix",
-            work=FLOPS[optimizer](model, BLOCK[optimizer][bench_device.type]))
+    measure(opt.step, family=f"{optimizer}-step-and-state", shapes=model_set, backend=backend, bound="matrix",
+            work=FLOPS[optimizer](model, BLOCK[optimizer][bench_device.type]), setup=restore_grads)
     benchmark.extra_info.update(state_bytes=state_bytes(opt), param_bytes=sum(p.numel() * p.element_size()
                                                                               for p in model.parameters()),
                                 block_size=BLOCK[optimizer][bench_device.type])
+
+
+# ---- the preconditioner math alone, on every block batch of a model -------------------------------------------------
+def block_batches(optimizer, model_set, device):
+    """(core arguments per same-shape block batch, preconditioner-state bytes): the state of one optimizer step
+    (fused=False) over the model, batched as the optimizer batches it."""
+    from fastoptim.optim.functional.blocks import concat
+
+    model = param_model(model_set, device)
+    opt = ours(optimizer, False)(model, device)
+    opt.step()
+    opt.step()
+    batches = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            layout = opt.layout(group, p)
+            batches.setdefault((layout.block, layout.special), []).append((layout, p, opt.state[p]))
+    out = []
+    for (block, special), members in batches.items():
+        grads = concat([lay.to_blocks(p.grad).float() for lay, p, _ in members])
+        keys = sorted(k for k in members[0][2] if k != "step")
+        state = {k: concat([s[k] for _, _, s in members]) for k in keys}
+        out.append((block, special, grads, state))
+    return out, state_bytes(opt)
+
+
+def soap_core(native):
+    from fastoptim.optim import functional
+
+    family = functional.select("soap_step", [torch.empty(0)], None if native else False)
+    if native and family is functional.PURE["soap_step"]:
+        pytest.skip("the native soap_step core is not registered (fastoptim._C not built?)")
+
+    def run(batches):
+        for block, _, grads, state in batches:
+            ggs = [state.get(f"GG{a}") for a in range(len(block))]
+            qs = [state.get(f"Q{a}") for a in range(len(block))]
+            family(grads, state["exp_avg"], state["exp_avg_sq"], ggs, qs, step=5, beta1=0.95, beta2=0.99,
+                   shampoo_beta=0.95, eps=1e-10, refresh=False)
+
+    return run
+
+
+def kron_core(native):
+    from fastoptim.optim import functional
+
+    update = functional.select("kron_update_preconditioner", [torch.empty(0)], None if native else False)
+    precondition = functional.select("kron_precondition", [torch.empty(0)], None if native else False)
+    if native and precondition is functional.PURE["kron_precondition"]:
+        pytest.skip("the native Kron cores are not registered (fastoptim._C not built?)")
+
+    def run(batches):
+        for block, diagonal, grads, state in batches:
+            qs = [state[f"Q{a}"] for a in range(len(block))]
+            noise = torch.randn_like(grads)
+            damping = torch.full((grads.shape[0],), 1e-6, device=grads.device)
+            update(grads, qs, diagonal, noise, damping, precond_lr=0.2)
+            precondition(grads, qs, diagonal)
+
+    return run
+
+
+def core_flops(optimizer, batches) -> int:
+    """Per block and matrix side of size b (the other axes holding r = numel/b): Soap's step makes four products
+    along it (g and m in, the direction back, the statistics), 2·b·numel each. Kron's update and application make
+    A = Q·G, a triangular solve (half a product), two Gram terms, QᵀQ and its application, and triu(·)·Q:
+    4.5 products along it and two b×b×b products."""
+    total = 0
+    for block, special, grads, _ in batches:
+        numel = grads[0].numel()
+        for b, flag in zip(block, special):
+            if flag:  # Soap: not rotated; Kron: diagonal
+                continue
+            along = matmul_flops(b, b, numel // b)
+            total += grads.shape[0] * (4 * along if optimizer == "soap" else 9 * along // 2 + 2 * matmul_flops(b, b, b))
+    return total
+
+
+CORES = {"soap": soap_core, "kron": kron_core}
+
+
+@pytest.mark.parametrize("optimizer", CORES)
+@pytest.mark.parametrize("backend", ["fastoptim", "fastoptim-torch"])
+def test_preconditioner(measure, benchmark, model_set, bench_device, optimizer, backend):
+    require_optimizer(optimizer)
+    batches, bytes_of_state = block_batches(optimizer, model_set, bench_device)
+    run = CORES[optimizer](backend == "fastoptim")
+    measure(lambda: run(batches), family=f"{optimizer}-preconditioner", shapes=model_set, backend=backend,
+            bound="matrix", work=core_flops(optimizer, batches))
+    benchmark.extra_info.update(state_bytes=bytes_of_state, block_size=BLOCK[optimizer][bench_device.type],
+                                batches=[[list(b), g.shape[0]] for b, _, g, _ in batches])
