@@ -160,7 +160,8 @@ def block_batches(optimizer, model_set, device):
     out = []
     for (block, special), members in batches.items():
         grads = concat([lay.to_blocks(p.grad).float() for lay, p, _ in members])
-        keys = sorted(k for k in members[0][2] if k != "step")
+        # block-shaped state: Soap's moments, statistics and eigenbases; Kron's factors (its momentum is not blocked)
+        keys = sorted(k for k in members[0][2] if k.startswith(("Q", "GG")) or (optimizer == "soap" and k != "step"))
         state = {k: concat([s[k] for _, _, s in members]) for k in keys}
         out.append((block, special, grads, state))
     return out, state_bytes(opt)
