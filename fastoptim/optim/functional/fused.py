@@ -104,3 +104,7 @@ for _family, _core in {
     "orthogonalized_step": ops.orthogonalized_step_,
 }.items():
     register_fused(_family, _core, supports)
+
+
+# Soap's and Kron's block-batched cores live in their own module, registered the same way.
+from fastoptim.optim.functional import fused_soap_kron  # noqa: E402,F401

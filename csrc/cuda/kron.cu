@@ -1,0 +1,9 @@
+#include <torch/library.h>
+
+#include "kernels/kron.h"
+
+TORCH_LIBRARY_IMPL(fastoptim, CUDA, m) {
+  m.impl("kron_precondition", &fastoptim::kron_precondition);
+  m.impl("kron_update_preconditioner_", &fastoptim::kron_update_preconditioner_);
+  m.impl("kron_balance_", &fastoptim::kron_balance_);
+}
