@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 
+#include "common/multi_tensor.h"
 #include "kernels/soap_kron_checks.h"
 
 namespace fastoptim {
@@ -29,7 +30,7 @@ struct SoapRotatedAdam {
     }
   };
 
-  C10_HOST_DEVICE Math load() const { return {beta2, 1.0f - beta2, eps, *bias_correction}; }
+  C10_HOST_DEVICE Math load(const ChunkContext&) const { return {beta2, 1.0f - beta2, eps, *bias_correction}; }
 };
 
 namespace soap_detail {
