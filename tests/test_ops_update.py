@@ -117,3 +117,15 @@ def test_compiles_fullgraph_and_matches_eager(device, rng):
         step(eager, updates, lr)
     for p, e in zip(params, eager):
         torch.testing.assert_close(p, e)
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_agrees_with_an_independent_cupy_computation(rng):
+    """A cross-check outside torch: CuPy reads the same device memory through DLPack and computes the update itself."""
+    cp = pytest.importorskip("cupy")
+    params, updates = make_lists([(4099,), (3, 77)], torch.float32, torch.float32, "cuda", rng)
+    lr, wd, scale = 0.07, 0.2, 1.3
+    expected = [cp.asarray(p) * (1 - lr * wd) - lr * scale * cp.asarray(u) for p, u in zip(params, updates)]
+    ops.decoupled_update_(params, updates, lr, wd, scale)
+    for p, e in zip(params, expected):
+        assert cp.allclose(cp.asarray(p), e, rtol=1e-6, atol=1e-6)
