@@ -48,3 +48,13 @@ def rng(request):
     seed = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: on a shared 2-core machine extra threads only contend
+    (10–20× slower); a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

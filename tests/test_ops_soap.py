@@ -341,7 +341,10 @@ def test_soap_fused_matches_pure_over_steps(rng):
     assert functional.select("soap_step", runs[None][0], True) is fused_soap_kron.soap_step_
     for p_fused, p_pure in zip(runs[None][0], runs[False][0]):
         torch.testing.assert_close(p_fused.detach(), p_pure.detach(), rtol=1e-4, atol=2e-5)
+    # exp_avg_sq is not compared: it lives in the eigenbasis, whose column order between two nearly equal eigenvalues
+    # (and whose null-space basis) float rounding may settle differently in the two paths, permuting its entries
+    # without changing the update, which the parameters above pin down. Moments and statistics are basis-free.
     for p_fused, p_pure in zip(runs[None][0], runs[False][0]):
-        for key in ("exp_avg", "exp_avg_sq", "GG0"):
+        for key in ("exp_avg", "GG0"):
             torch.testing.assert_close(runs[None][1].state[p_fused][key], runs[False][1].state[p_pure][key],
                                        rtol=1e-4, atol=1e-5)

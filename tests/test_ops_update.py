@@ -44,7 +44,8 @@ def test_lr_from_device_tensor(device, rng):
 
 def test_many_tensors_span_several_launches(device, rng):
     # More tensors than one CUDA launch's metadata holds (110 at depth 1, 64 at depth 2).
-    params, updates = make_lists([(rng.seed() % 5 + 1,) for _ in range(150)], torch.float32, torch.float32, device, rng)
+    sizes = torch.randint(1, 6, (150,), generator=rng).tolist()
+    params, updates = make_lists([(n,) for n in sizes], torch.float32, torch.float32, device, rng)
     expected = [reference(p, u, 0.3, 0.2, 1.0) for p, u in zip(params, updates)]
     ops.decoupled_update_(params, updates, 0.3, 0.2)
     for p, e in zip(params, expected):

@@ -16,13 +16,8 @@ from fastoptim.optim.registry import build_optimizer
 from reference_scalar import Reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: extra intra-op threads only spin (40× slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = [(7, 5), (3,), (2, 3, 4), (1,)]

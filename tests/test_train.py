@@ -66,13 +66,8 @@ def use_registry(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Matrices this small run faster on one thread, and far faster on a shared, busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -307,8 +302,8 @@ def test_two_cpu_ranks_match_one_process(tmp_path, cache_dir):
     runs = [(_free_port(), config(tmp_path / kind, label, fsdp=fsdp, resume=bool(resume_from)), resume_from)
             for kind, (label, fsdp, resume_from) in kinds.items()]
     results = tmp_path / "results"
-    # fork: the children skip re-importing torch (seconds on a busy 2-core machine); CPU-only, so fork is safe.
-    mp.start_processes(_rank_worker, args=(2, runs, str(results)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a parent that has already run autograd (any earlier test) cannot fork autograd's threads.
+    mp.start_processes(_rank_worker, args=(2, runs, str(results)), nprocs=2, join=True, start_method="spawn")
     for rank in range(2):
         for (label, *_), got in zip(kinds.values(), torch.load(f"{results}.{rank}", weights_only=False)):
             assert len(got["history"]) == 4

@@ -51,35 +51,38 @@ std::tuple<Ts*...> pointers(const std::array<at::TensorList, sizeof...(Ts)>& lis
   return {(static_cast<Ts*>(lists[I][tensor].data_ptr()) + offset)...};
 }
 
-template <typename... Ts, typename Functor, size_t... I>
-void apply(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor, std::index_sequence<I...> seq) {
+// Runs body(math, pointers, size) for every element chunk of `lists`, the chunks spread over threads; `math` is the
+// functor loaded for the chunk, `pointers` the chunk's start in each list.
+template <typename... Ts, typename Functor, typename Body, size_t... I>
+void for_each_chunk(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor,
+                    std::index_sequence<I...> seq, const Body& body) {
   const std::vector<Chunk> chunks = element_chunks(lists[0]);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const Chunk& chunk = chunks[c];
       const auto math = functor.load(ChunkContext{chunk.tensor, lists[0][chunk.tensor].numel(), chunk.global_chunk});
-      const auto ptrs = pointers<Ts...>(lists, chunk.tensor, chunk.start, seq);
-      for (int64_t i = 0; i < chunk.size; ++i) {
-        math(std::get<I>(ptrs)[i]...);
-      }
+      body(math, pointers<Ts...>(lists, chunk.tensor, chunk.start, seq), chunk.size);
+    }
+  });
+}
+
+template <typename... Ts, typename Functor, size_t... I>
+void apply(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor, std::index_sequence<I...> seq) {
+  for_each_chunk<Ts...>(lists, functor, seq, [](const auto& math, const auto& ptrs, int64_t size) {
+    for (int64_t i = 0; i < size; ++i) {
+      math(std::get<I>(ptrs)[i]...);
     }
   });
 }
 
 template <typename... Ts, typename Functor, size_t... I>
 void reduce(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor, std::index_sequence<I...> seq) {
-  const std::vector<Chunk> chunks = element_chunks(lists[0]);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const Chunk& chunk = chunks[c];
-      const auto math = functor.load(ChunkContext{chunk.tensor, lists[0][chunk.tensor].numel(), chunk.global_chunk});
-      const auto ptrs = pointers<Ts...>(lists, chunk.tensor, chunk.start, seq);
-      double sum = 0.0;
-      for (int64_t i = 0; i < chunk.size; ++i) {
-        sum += math(std::get<I>(ptrs)[i]...);
-      }
-      math.finish(static_cast<float>(sum));
+  for_each_chunk<Ts...>(lists, functor, seq, [](const auto& math, const auto& ptrs, int64_t size) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < size; ++i) {
+      sum += math(std::get<I>(ptrs)[i]...);
     }
+    math.finish(static_cast<float>(sum));
   });
 }
 

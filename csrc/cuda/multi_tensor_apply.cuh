@@ -211,10 +211,10 @@ void fill_addresses(Meta& meta, int slot, const std::array<at::TensorList, Depth
 
 // The backend that the op templates of csrc/kernels are instantiated with for CUDA.
 struct Backend {
-  // Applies `functor` elementwise over the i-th tensors of all `lists` together; `Ts` are their element types.
-  template <typename... Ts, typename Functor>
-  static void multi_tensor_apply(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor) {
-    constexpr int Depth = sizeof...(Ts);
+  // Packs the i-th tensors of all `lists` into as few launches as the metadata allows; each is
+  // launch(meta, blocks, chunk_base, stream).
+  template <size_t Depth, typename Launch>
+  static void launch_over(const std::array<at::TensorList, Depth>& lists, const Launch& launch) {
     using Meta = TensorListMetadata<Depth>;
     if (lists[0].empty()) return;
     const c10::cuda::CUDAGuard guard(lists[0][0].device());
@@ -223,26 +223,25 @@ struct Backend {
         lists[0].size(), [&](size_t t) { return chunks_of(lists[0][t].numel()); },
         [&](Meta& meta, int slot, size_t t) { fill_addresses(meta, slot, lists, t); },
         [&](const Meta& meta, int blocks, int64_t chunk_base) {
-          apply_kernel<Functor, Ts...><<<blocks, kBlockSize, 0, stream>>>(meta, functor, chunk_base);
+          launch(meta, blocks, chunk_base, stream);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
+  }
+
+  // Applies `functor` elementwise over the i-th tensors of all `lists` together; `Ts` are their element types.
+  template <typename... Ts, typename Functor>
+  static void multi_tensor_apply(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor) {
+    launch_over(lists, [&](const auto& meta, int blocks, int64_t chunk_base, cudaStream_t stream) {
+      apply_kernel<Functor, Ts...><<<blocks, kBlockSize, 0, stream>>>(meta, functor, chunk_base);
+    });
   }
 
   // Sums `functor`'s per-element values over each chunk and hands each chunk's sum to its `finish`.
   template <typename... Ts, typename Functor>
   static void multi_tensor_reduce(const std::array<at::TensorList, sizeof...(Ts)>& lists, const Functor& functor) {
-    constexpr int Depth = sizeof...(Ts);
-    using Meta = TensorListMetadata<Depth>;
-    if (lists[0].empty()) return;
-    const c10::cuda::CUDAGuard guard(lists[0][0].device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    pack_and_launch<Meta>(
-        lists[0].size(), [&](size_t t) { return chunks_of(lists[0][t].numel()); },
-        [&](Meta& meta, int slot, size_t t) { fill_addresses(meta, slot, lists, t); },
-        [&](const Meta& meta, int blocks, int64_t chunk_base) {
-          reduce_kernel<Functor, Ts...><<<blocks, kBlockSize, 0, stream>>>(meta, functor, chunk_base);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+    launch_over(lists, [&](const auto& meta, int blocks, int64_t chunk_base, cudaStream_t stream) {
+      reduce_kernel<Functor, Ts...><<<blocks, kBlockSize, 0, stream>>>(meta, functor, chunk_base);
+    });
   }
 
   // Per segment: sum `reduce` over it, update its state with `segment`, then apply the math to its elements.
