@@ -57,7 +57,6 @@ void adam_mini_(at::TensorList params, at::TensorList grads, at::TensorList exp_
               " tensors but params has ", params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& v = exp_avg_sqs[i];
-    TORCH_CHECK(v.layout() == at::kStrided, "fastoptim: exp_avg_sqs[", i, "] is sparse; only dense tensors are supported");
     TORCH_CHECK(v.is_contiguous(), "fastoptim: exp_avg_sqs[", i, "] is not contiguous; call .contiguous() first");
     TORCH_CHECK(v.device() == *call.device, "fastoptim: exp_avg_sqs[", i, "] is on ", v.device(),
                 " but params[0] is on ", *call.device);

@@ -12,7 +12,6 @@
 namespace fastoptim {
 
 inline void check_block_tensor(const std::string& name, const at::Tensor& t, const at::Device& device) {
-  TORCH_CHECK(t.layout() == at::kStrided, "fastoptim: ", name, " is sparse; only dense tensors are supported");
   TORCH_CHECK(t.device() == device, "fastoptim: ", name, " is on ", t.device(), " but grads is on ", device,
               "; all tensors of one call must share a device");
   TORCH_CHECK(t.scalar_type() == at::kFloat, "fastoptim: ", name, " has dtype ", dtype_name(t.scalar_type()),
