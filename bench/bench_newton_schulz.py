@@ -5,9 +5,9 @@ Muon), torch.optim.Muon, and heavyball's / emerging-optimizers' Muon where insta
 Work is the plain FLOP count of the iteration (bench/work.py); extra_info adds the floor that exploits symmetry
 (only the upper triangles of X·Xᵀ and A·A): `symmetric_flops`, and `symmetric_floor_pct`, the share of the in-run
 matmul rate the symmetric count reaches in the measured time (the issue's "% of the symmetric FLOP floor"), and the
-achieved `tflops` (plain count / time). On the GPU the forced methods ("plain" / "symmetric" batched products) are
-timed too, under their own family, so that the size threshold of method="auto" (csrc/cuda/newton_schulz.cu) can be
-set from them.
+achieved `tflops` (plain count / time). The forced methods ("plain" / "symmetric" batched products) are timed too,
+under their own family, so that the size threshold of method="auto" (csrc/cpu/newton_schulz.cpp,
+csrc/cuda/newton_schulz.cu) can be set from them.
 """
 
 import pytest
@@ -72,13 +72,11 @@ def test_newton_schulz(benchmark, measure, matrix_set, bench_device, backend):
 @pytest.mark.shape_sets("512x512", "1024x1024", "4096x4096", "4096x11008")
 @pytest.mark.parametrize("method", ["plain", "symmetric"])
 def test_newton_schulz_method(benchmark, measure, matrix_set, bench_device, method):
-    if bench_device.type != "cuda":
-        pytest.skip("the symmetric-tile products are CUDA only")
     require_op("newton_schulz")
     import fastoptim.ops as ops
 
     shape = matrix_set.params[0].shape
-    x = make_tensors(matrix_set, bench_device, torch.bfloat16)[0].unsqueeze(0)
+    x = make_tensors(matrix_set, bench_device, iteration_dtype(bench_device))[0].unsqueeze(0)
     measure(lambda: ops.newton_schulz(x, NS_STEPS, NS_EPS, method=method), family=f"newton-schulz-{method}",
             shapes=matrix_set, backend="fastoptim", bound="matrix", work=newton_schulz_flops(*shape, NS_STEPS))
     benchmark.extra_info["method"] = method

@@ -15,7 +15,7 @@ work each library does for "a Soap/Kron step", as a user meets it.
 import pytest
 import torch
 
-from bench.backends import require_optimizer, require_peer
+from bench.backends import require_op, require_optimizer, require_peer
 from bench.tensors import param_model
 from bench.work import matmul_flops
 
@@ -232,3 +232,33 @@ def test_preconditioner(measure, benchmark, model_set, bench_device, optimizer, 
             bound="matrix", work=core_flops(optimizer, batches))
     benchmark.extra_info.update(state_bytes=bytes_of_state, block_size=BLOCK[optimizer][bench_device.type],
                                 batches=[[list(b), g.shape[0]] for b, _, g, _ in batches])
+
+
+@pytest.mark.parametrize("method", ["plain", "symmetric"])
+def test_soap_gram_method(measure, benchmark, model_set, bench_device, method):
+    """Soap's statistics update alone over the model's block batches, by full products or on upper-triangular tiles
+    (sides that cannot be tiled run plain under both), so that the threshold of method="auto" (csrc/cpu/soap.cpp,
+    csrc/cuda/soap.cu) can be set from it. Work is the full-product count."""
+    from fastoptim.ops._checks import symmetric_tileable
+
+    require_op("soap_gram_")
+    import fastoptim.ops as ops
+
+    batches, _ = block_batches("soap", model_set, bench_device)
+    calls, work = [], 0
+    for block, _, grads, state in batches:
+        if len(block) != 2:
+            continue
+        for axis in range(2):
+            gg = state.get(f"GG{axis}")
+            if gg is not None:
+                how = method if symmetric_tileable(gg.shape[-1]) else "plain"
+                calls.append(((gg, None) if axis == 0 else (None, gg), grads, how))
+                work += grads.shape[0] * matmul_flops(gg.shape[-1], grads[0].numel() // gg.shape[-1], gg.shape[-1])
+
+    def run():
+        for (left, right), grads, how in calls:
+            ops.soap_gram_(left, right, grads, 0.95, 0.05, how)
+
+    measure(run, family=f"soap-gram-{method}", shapes=model_set, backend="fastoptim", bound="matrix", work=work)
+    benchmark.extra_info["method"] = method

@@ -77,7 +77,7 @@ TORCH_LIBRARY(fastoptim, m) {
   // triangular) or (B, b) (diagonal).
 
   // Soap statistics: GG_left ← keep·GG_left + add·G·Gᵀ, GG_right ← keep·GG_right + add·Gᵀ·G per block.
-  m.def("soap_gram_(Tensor(a!)? gg_left, Tensor(b!)? gg_right, Tensor grads, float keep, float add) -> ()");
+  m.def("soap_gram_(Tensor(a!)? gg_left, Tensor(b!)? gg_right, Tensor grads, float keep, float add, str method=\"auto\") -> ()");
   // Soap's first step: q ← eigenvectors of gg + eps·I, by descending eigenvalue.
   m.def("soap_eigenbasis_(Tensor(a!) q, Tensor gg, float eps) -> ()");
   // A later Soap step: exp_avg ← lerp(exp_avg, G, 1−β1); exp_avg_sq ← β2·v + (1−β2)·(Q_LᵀGQ_R)²; returns

@@ -67,6 +67,41 @@ def test_gram_with_keep_zero_ignores_old_statistics(device, rng):
     torch.testing.assert_close(gg.double().cpu(), 0.05 * g @ g.mT, atol=1e-5, rtol=1e-5)
 
 
+# (B, m, n): both sides cut into upper tiles (of 32 or 64, 2 to 4 per side), one side only (the other too small or
+# not a multiple of 32), a 1-D block's (B, m, 1).
+SYMMETRIC_LAYOUTS = [(2, 64, 128), (3, 96, 64), (1, 128, 40), (2, 33, 64), (4, 64, 1)]
+
+
+@pytest.mark.parametrize("layout", SYMMETRIC_LAYOUTS)
+@pytest.mark.parametrize("method", ["symmetric", "plain", "auto"])
+def test_gram_methods_match_float64_reference_and_are_exactly_symmetric(device, rng, layout, method):
+    batch, m, n = layout
+    g = torch.randn(batch, m, n, generator=rng, dtype=torch.float64)
+    tiled = [size % 32 == 0 and size >= 64 for size in (m, n)]
+    gg_l, gg_r = (random_spd(batch, size, rng) if method != "symmetric" or ok else None
+                  for size, ok in zip((m, n), tiled))
+    keep = torch.rand((), generator=rng).item()
+    out_l, out_r = (None if t is None else f32(t, device) for t in (gg_l, gg_r))
+    ops.soap_gram_(out_l, out_r, f32(g, device), keep, 1 - keep, method)
+    for out, gg, x in ((out_l, gg_l, g), (out_r, gg_r, g.mT)):
+        if out is None:
+            continue
+        expected = keep * gg + (1 - keep) * x @ x.mT
+        torch.testing.assert_close(out.double().cpu(), expected, atol=ATOL * x.shape[-1] ** 0.5, rtol=RTOL)
+        if method == "symmetric":  # mirrored, not computed twice
+            assert torch.equal(out, out.mT)
+
+
+def test_gram_symmetric_method_names_an_untileable_side(device):
+    gg = torch.zeros(2, 40, 40, device=device)
+    with pytest.raises(RuntimeError, match="method='symmetric' needs the symmetric side to be a multiple of 32 of at "
+                                           "least 64, got 40"):
+        ops.soap_gram_(gg, None, torch.randn(2, 40, 8, device=device), 0.9, 0.1, "symmetric")
+    with pytest.raises(RuntimeError, match="method is 'fast'"):
+        ops.soap_gram_(gg, None, torch.randn(2, 40, 8, device=device), 0.9, 0.1, "fast")
+    assert torch.count_nonzero(gg) == 0
+
+
 # ---- soap_eigenbasis_ ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch, size", [(1, 5), (4, 16), (3, 31)])
 def test_eigenbasis_is_descending_eigenvectors(device, rng, batch, size):
@@ -287,6 +322,9 @@ def test_opcheck(device, rng):
     fo = torch.ops.fastoptim
     torch.library.opcheck(fo.soap_gram_.default, (gg_l.clone(), gg_r.clone(), g, 0.9, 0.1))
     torch.library.opcheck(fo.soap_gram_.default, (None, gg_r.clone(), g, 0.9, 0.1))
+    wide = torch.randn(batch, 64, 3, device=device)
+    torch.library.opcheck(fo.soap_gram_.default, (f32(random_spd(batch, 64, rng), device), None, wide, 0.9, 0.1,
+                                                  "symmetric"))
     torch.library.opcheck(fo.soap_eigenbasis_.default, (torch.zeros_like(gg_l), gg_l, 1e-6))
     torch.library.opcheck(fo.soap_rotated_adam_.default,
                           (g, torch.zeros_like(g), v.clone(), q_l, q_r, torch.tensor(0.3, device=device), 0.9, 0.99,

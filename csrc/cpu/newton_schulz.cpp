@@ -1,5 +1,5 @@
-// Newton–Schulz on the CPU: the pass in as a parallel loop over (matrix, chunk) tasks, the iteration in float32
-// through ATen's batched BLAS (at::bmm / at::baddbmm with the coefficients as alpha and beta).
+// Newton–Schulz on the CPU: the pass in as a parallel loop over (matrix, chunk) tasks, the iteration through
+// ATen's batched BLAS or, for large matrices, BLAS on upper-triangular tiles (cpu/symmetric_tiles.h).
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
@@ -9,10 +9,15 @@
 #include <vector>
 
 #include "common/multi_tensor.h"
+#include "cpu/symmetric_tiles.h"
 #include "kernels/newton_schulz.h"
 
 namespace fastoptim::cpu {
 namespace {
+
+// method="auto" tiles Gram matrices from this many rows up. One thread of a shared AMD EPYC, five steps: 1024 × 1024
+// in 435 ms tiled against 537 ms plain; 2 × 512 × 512 in 127 ms against 134 ms (within noise).
+constexpr int64_t kSymmetricMinRows = 1024;
 
 struct NewtonSchulzBackend {
   template <typename B, typename G, typename O>
@@ -49,18 +54,10 @@ struct NewtonSchulzBackend {
   }
 };
 
-at::Tensor newton_schulz(const at::Tensor& x, int64_t steps, double eps, const std::optional<at::Tensor>& coefficients,
-                         const std::optional<at::Tensor>& norms, c10::string_view method) {
-  check_newton_schulz(x, eps, norms);
-  TORCH_CHECK(method == "auto" || method == "plain", "fastoptim: newton_schulz: method is '", method,
-              "'; on the CPU it must be 'auto' or 'plain' (the symmetric-tile products are CUDA only)");
-  return newton_schulz_iterate(x, steps, eps, coefficients, norms, PlainProducts{});
-}
-
 }  // namespace
 }  // namespace fastoptim::cpu
 
 TORCH_LIBRARY_IMPL(fastoptim, CPU, m) {
   m.impl("newton_schulz_momentum_", &fastoptim::newton_schulz_momentum_<fastoptim::cpu::NewtonSchulzBackend>);
-  m.impl("newton_schulz", &fastoptim::cpu::newton_schulz);
+  m.impl("newton_schulz", &fastoptim::newton_schulz<fastoptim::cpu::SymmetricTiles, fastoptim::cpu::kSymmetricMinRows>);
 }

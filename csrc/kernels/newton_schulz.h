@@ -8,11 +8,12 @@
 //
 // The pass out (p ← p·(1 − lr·λ) − lr·scale·O) is decoupled_update_. The iteration is written once here, over a
 // `Products` policy that computes the two symmetric products (A = X·Xᵀ and B = b·A + c·A²); the CPU uses plain
-// batched BLAS for them, the GPU plain batched cuBLAS or upper-triangular tiles (see csrc/cuda/newton_schulz.cu).
+// batched GEMMs for them or, for large matrices, upper-triangular tiles (common/symmetric_tiles.h).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <string>
@@ -21,6 +22,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/symmetric_tiles.h"
 
 namespace fastoptim {
 
@@ -146,10 +148,24 @@ inline void check_newton_schulz(const at::Tensor& x, double eps, const std::opti
 //   gram(X, A):          A = X·Xᵀ
 //   poly(A, b, c, out):  out = b·A + c·A·A
 // Plain batched GEMMs through ATen (BLAS on CPU, cuBLAS on GPU, fp32 accumulation); the scalars b and c ride on
-// the GEMM's beta and alpha. The CUDA kernels swap in an upper-triangular version for large m.
+// the GEMM's beta and alpha.
 struct PlainProducts {
   void gram(const at::Tensor& x, at::Tensor& a) const { at::bmm_out(a, x, x.mT()); }
   void poly(const at::Tensor& a, double b, double c, at::Tensor& out) const { at::baddbmm_out(out, a, a, a, b, c); }
+};
+
+// The same products on the upper-triangular tiles of common/symmetric_tiles.h; c·A·A goes into a float32 buffer
+// and b·A is added in the mirroring pass.
+template <typename Tiles>
+struct SymmetricProducts {
+  int64_t tile;
+
+  void gram(const at::Tensor& x, at::Tensor& a) const { symmetric_gram_<Tiles>(a, x, 0.0, 1.0, tile); }
+  void poly(const at::Tensor& a, double b, double c, at::Tensor& out) const {
+    at::Tensor squares = at::empty(a.sizes(), a.options().dtype(at::kFloat));
+    Tiles::upper_products(a, a, c, 0.0, squares, tile);
+    Tiles::combine(squares, a, b, out);
+  }
 };
 
 // The iteration, given the products policy the backend chose for this batch.
@@ -190,6 +206,17 @@ at::Tensor newton_schulz_iterate(const at::Tensor& x, int64_t steps, double eps,
     std::swap(current, next);
   }
   return current;
+}
+
+// The op: `method` picks plain or tiled products ("auto": tiled for Gram matrices from AutoMinRows rows up, a
+// per-backend choice).
+template <typename Tiles, int64_t AutoMinRows>
+at::Tensor newton_schulz(const at::Tensor& x, int64_t steps, double eps, const std::optional<at::Tensor>& coefficients,
+                         const std::optional<at::Tensor>& norms, c10::string_view method) {
+  check_newton_schulz(x, eps, norms);
+  const int64_t tile = resolve_symmetric_tile(method, std::min(x.size(1), x.size(2)), AutoMinRows, "newton_schulz");
+  if (tile > 0) return newton_schulz_iterate(x, steps, eps, coefficients, norms, SymmetricProducts<Tiles>{tile});
+  return newton_schulz_iterate(x, steps, eps, coefficients, norms, PlainProducts{});
 }
 
 }  // namespace fastoptim

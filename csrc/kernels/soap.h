@@ -9,8 +9,10 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "common/multi_tensor.h"
+#include "common/symmetric_tiles.h"
 #include "kernels/soap_kron_checks.h"
 
 namespace fastoptim {
@@ -61,15 +63,22 @@ inline at::Tensor rotate_out(const at::Tensor& x, const OptionalTensor& q_left, 
 
 }  // namespace soap_detail
 
-// GG_L ← keep·GG_L + add·G·Gᵀ and GG_R ← keep·GG_R + add·Gᵀ·G per block: one batched GEMM per side with the EMA
-// in its alpha/beta epilogue (keep = shampoo_beta, add = 1 − shampoo_beta; keep = 0 on the initialising step).
-inline void soap_gram_(const std::optional<at::Tensor>& gg_left, const std::optional<at::Tensor>& gg_right,
-                       const at::Tensor& grads, double keep, double add) {
+// GG_L ← keep·GG_L + add·G·Gᵀ and GG_R ← keep·GG_R + add·Gᵀ·G per block (keep = shampoo_beta, add = 1 − shampoo_beta;
+// keep = 0 on the initialising step): one batched GEMM per side with the EMA in its alpha/beta epilogue, on the
+// upper-triangular tiles only (common/symmetric_tiles.h) where `method` says so ("auto": sides of AutoMinRows and
+// more).
+template <typename Tiles, int64_t AutoMinRows>
+void soap_gram_(const std::optional<at::Tensor>& gg_left, const std::optional<at::Tensor>& gg_right,
+                const at::Tensor& grads, double keep, double add, c10::string_view method) {
   check_block_batch(grads, 2, 2);
   soap_detail::check_side("gg_left", gg_left, grads, 0);
   soap_detail::check_side("gg_right", gg_right, grads, 1);
-  if (gg_left) gg_left->baddbmm_(grads, grads.mT(), keep, add);
-  if (gg_right) gg_right->baddbmm_(grads.mT(), grads, keep, add);
+  const std::pair<const std::optional<at::Tensor>*, at::Tensor> sides[] = {{&gg_left, grads}, {&gg_right, grads.mT()}};
+  for (const auto& [gg, x] : sides) {
+    if (!*gg) continue;
+    at::Tensor out = **gg;
+    symmetric_gram_<Tiles>(out, x, keep, add, resolve_symmetric_tile(method, x.size(1), AutoMinRows, "soap_gram_"));
+  }
 }
 
 // Q ← the eigenvectors of GG + eps·I, by descending eigenvalue (Soap's initialising step).

@@ -52,3 +52,20 @@ def check_scalar(name, t, device):
         raise RuntimeError(f"fastoptim: {name} must be a 0-dim float32 tensor, got dtype {t.dtype} with {t.dim()} dims")
     if t.device != device:
         raise RuntimeError(f"fastoptim: {name} is on {t.device} but the tensors are on {device}")
+
+
+SYMMETRIC_METHODS = ("auto", "plain", "symmetric")
+
+
+def symmetric_tileable(m):
+    """Whether an m × m symmetric result can be cut into upper-triangular tiles (csrc/common/symmetric_tiles.h)."""
+    return any(m % tile == 0 and m // tile >= 2 for tile in (512, 256, 128, 64, 32))
+
+
+def check_symmetric_method(method, m, op):
+    """The rules of csrc/common/symmetric_tiles.h: a known method, and a tileable side for "symmetric"."""
+    if method not in SYMMETRIC_METHODS:
+        raise RuntimeError(f"fastoptim: {op}: method is '{method}'; expected 'auto', 'plain' or 'symmetric'")
+    if method == "symmetric" and not symmetric_tileable(m):
+        raise RuntimeError(f"fastoptim: {op}: method='symmetric' needs the symmetric side to be a multiple of 32 of "
+                           f"at least 64, got {m}")

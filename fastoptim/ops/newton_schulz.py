@@ -5,11 +5,10 @@ import math
 
 import torch
 
-from fastoptim.ops._checks import check_dense, check_float_dtype, check_tensor_lists
+from fastoptim.ops._checks import check_dense, check_float_dtype, check_symmetric_method, check_tensor_lists
 from fastoptim.ops.update import decoupled_update_
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-METHODS = ("auto", "plain", "symmetric")
 
 
 def iteration_dtype(device) -> torch.dtype:
@@ -39,7 +38,8 @@ def newton_schulz(x, steps=5, eps=1e-7, *, coefficients=None, norms=None, method
     X = x/(‖x‖_F + eps) per matrix (``norms``, e.g. from `newton_schulz_momentum_`, saves recomputing them), then
     each step X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ, on the wide orientation. coefficients: None for
     (3.4445, −4.7750, 2.0315) every step, or a (steps, 3) schedule (tensor or nested sequence). method: "auto",
-    "plain" (batched GEMMs) or "symmetric" (CUDA: only the upper-triangular tiles of X·Xᵀ and A·A).
+    "plain" (batched GEMMs) or "symmetric" (only the upper-triangular tiles of X·Xᵀ and A·A; the smaller side must
+    be a multiple of 32 of at least 64).
     """
     check_dense(x=[x])
     if coefficients is not None and not isinstance(coefficients, torch.Tensor):
@@ -105,6 +105,5 @@ def _(x, steps, eps, coefficients=None, norms=None, method="auto"):
     if norms is not None and (tuple(norms.shape) != (x.size(0),) or norms.dtype != torch.float32):
         raise RuntimeError(f"fastoptim: newton_schulz: norms must be a float32 tensor of shape ({x.size(0)},), got "
                            f"dtype {norms.dtype} and shape {list(norms.shape)}")
-    if method not in METHODS:
-        raise RuntimeError(f"fastoptim: newton_schulz: method is {method!r}; expected one of {METHODS}")
+    check_symmetric_method(method, min(x.shape[1:]), "newton_schulz")
     return x.new_empty(x.shape)

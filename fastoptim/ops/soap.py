@@ -9,16 +9,18 @@ import math
 import torch
 
 from fastoptim.ops._block_checks import check_axis_matrix, check_block_batch, check_block_tensor, check_shape
-from fastoptim.ops._checks import check_scalar
+from fastoptim.ops._checks import check_scalar, check_symmetric_method
 from fastoptim.ops._scalars import step_scalar
 
 
-def soap_gram_(gg_left, gg_right, grads, keep, add):
+def soap_gram_(gg_left, gg_right, grads, keep, add, method="auto"):
     """In place, per block G: GG_left ← keep·GG_left + add·G·Gᵀ, GG_right ← keep·GG_right + add·Gᵀ·G (None: skip).
 
     The statistics EMA is keep = shampoo_beta, add = 1 − shampoo_beta; the initialising step uses keep = 0.
+    method: "plain" (full products), "symmetric" (upper-triangular tiles only, then mirrored: a side must be a
+    multiple of 32 of at least 64) or "auto" (symmetric for large sides).
     """
-    torch.ops.fastoptim.soap_gram_(gg_left, gg_right, grads, keep, add)
+    torch.ops.fastoptim.soap_gram_(gg_left, gg_right, grads, keep, add, method)
 
 
 def soap_eigenbasis_(q, gg, eps):
@@ -45,10 +47,13 @@ def soap_refresh_(exp_avg_sq, q_left, q_right, gg_left, gg_right):
 
 # ---- fakes ----------------------------------------------------------------------------------------------------
 @torch.library.register_fake("fastoptim::soap_gram_")
-def _(gg_left, gg_right, grads, keep, add):
+def _(gg_left, gg_right, grads, keep, add, method="auto"):
     check_block_batch(grads, 2, 2)
     check_axis_matrix("gg_left", gg_left, grads, 0)
     check_axis_matrix("gg_right", gg_right, grads, 1)
+    for gg in (gg_left, gg_right):
+        if gg is not None:
+            check_symmetric_method(method, gg.shape[-1], "soap_gram_")
 
 
 @torch.library.register_fake("fastoptim::soap_eigenbasis_")

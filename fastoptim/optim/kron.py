@@ -14,7 +14,7 @@ from fastoptim.optim.base import (
     check_positive_int,
     decay_of,
 )
-from fastoptim.optim.functional.blocks import BlockLayout, concat, write_back_
+from fastoptim.optim.functional.blocks import BlockLayout, concat, packed_state
 
 DAMPING = math.sqrt(torch.finfo(torch.float32).eps)  # √eps of float32 (bf16's is too large)
 BLOCK_RMS_LIMIT = 1.1
@@ -230,8 +230,7 @@ class Kron(BaseOptimizer):
             batches[(lay.block, lay.special, item.params[i].device)].append(i)
         directions = [None] * len(item.params)
         for (block, diagonal, _), idx in batches.items():
-            factors = [[item.states[i][f"Q{axis}"] for i in idx] for axis in range(len(block))]
-            qs = [concat(f) for f in factors]
+            qs = [packed_state([item.states[i] for i in idx], f"Q{axis}") for axis in range(len(block))]
             m = concat([blocks[i] for i in idx])
             params = [item.params[i] for i in idx]
             if due:
@@ -240,8 +239,6 @@ class Kron(BaseOptimizer):
                 damping = concat([(DAMPING * blocks[i].abs().mean()).expand(blocks[i].shape[0]) for i in idx])
                 self.functional("kron_update_preconditioner", params)(
                     m, qs, diagonal, concat([noise[i] for i in idx]), damping, precond_lr=group["precond_lr"])
-                for f, q in zip(factors, qs):
-                    write_back_(f, q)
             out = self.functional("kron_precondition", params)(m, qs, diagonal)
             for i, u in zip(idx, out.split([layouts[i].num_blocks for i in idx])):
                 directions[i] = layouts[i].from_blocks(u).to(item.params[i].dtype)

@@ -6,7 +6,7 @@ from functools import lru_cache
 import torch
 
 from fastoptim.optim.base import COMMON_HPARAM_RULES, BaseOptimizer, GroupWork, check_beta, check_positive_int, decay_of
-from fastoptim.optim.functional.blocks import BlockLayout, concat, write_back_
+from fastoptim.optim.functional.blocks import BlockLayout, concat, packed_state
 
 
 def _check_merge_target(value):
@@ -107,8 +107,7 @@ class Soap(BaseOptimizer):
         grads = [lay.to_blocks(item.grads[i] if scale is None else item.grads[i] * scale)
                  for lay, i in zip(layouts, idx)]
         keys = ["exp_avg", "exp_avg_sq"] + [f"{k}{a}" for a in range(ndim) for k in ("GG", "Q")]
-        per_key = {k: [s[k] for s in states] for k in keys if k in states[0]}
-        batched = {k: concat(v) for k, v in per_key.items()}
+        batched = {k: packed_state(states, k) for k in keys if k in states[0]}
         ggs = [batched.get(f"GG{a}") for a in range(ndim)]
         qs = [batched.get(f"Q{a}") for a in range(ndim)]
         grad_batch = concat(grads)
@@ -124,8 +123,6 @@ class Soap(BaseOptimizer):
                             refresh=step % group["precondition_frequency"] == 0)
             sizes = [lay.num_blocks for lay in layouts]
             directions = [lay.from_blocks(u) for lay, u in zip(layouts, out.split(sizes))]
-        for key, tensors in per_key.items():
-            write_back_(tensors, batched[key])
         for s in states:
             s["step"] += 1
         self.functional("apply_update", params)(params, directions, lr=group["lr"], weight_decay=decay_of(group))

@@ -108,10 +108,35 @@ def concat(per_param: list[Tensor]) -> Tensor:
     return per_param[0] if len(per_param) == 1 else torch.cat(per_param)
 
 
-def write_back_(per_param: list[Tensor], batched: Tensor) -> None:
-    """Copy a batch that `concat` built back into the per-parameter tensors it came from."""
-    if len(per_param) > 1:
-        torch._foreach_copy_(per_param, list(batched.split([t.shape[0] for t in per_param])))
+def _consecutive_slices(tensors: list[Tensor]) -> bool:
+    """Whether the tensors are back-to-back contiguous slices of one storage, in order."""
+    storage = tensors[0].untyped_storage().data_ptr()
+    end = tensors[0].data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage or t.data_ptr() != end:
+            return False
+        end += t.numel() * t.element_size()
+    return True
+
+
+def packed_state(states: list[dict], key: str) -> Tensor:
+    """The batch (sum of blocks, *block) of the per-parameter state tensors states[i][key], kept between steps.
+
+    The first call (and the first after a load_state_dict or a change of the batch's members) copies them into one
+    tensor and replaces each entry by its slice of it; every later call returns a view of that tensor. So the batched
+    ops update the optimizer's state in place, with no gather before a step and no scatter after it.
+    """
+    tensors = [s[key] for s in states]
+    if len(tensors) == 1:
+        return tensors[0]
+    if _consecutive_slices(tensors):
+        first = tensors[0]
+        return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]),
+                                (math.prod(first.shape[1:]), *first.stride()[1:]))
+    batch = torch.cat(tensors)
+    for s, view in zip(states, batch.split([t.shape[0] for t in tensors])):
+        s[key] = view
+    return batch
 
 
 def along(x: Tensor, axis: int, mats: Tensor, transpose: bool = False) -> Tensor:
