@@ -51,6 +51,24 @@ def test_fused_and_pure_paths_agree(device, rng, name, dtype):
             torch.testing.assert_close(value.float(), pure_opt.state[p][key].float(), **TOLERANCE[dtype])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [n for n in ELEMENTWISE if n != "sophia"])
+def test_fused_steps_never_wait_for_the_gpu(name):
+    """A step queues its kernels and returns: no host synchronisation once the state exists (step scalars are
+    filled on the device, clip scales stay device tensors)."""
+    params = make_params(torch.float32, torch.device("cuda"), 0)
+    opt = optimizer_class(name)(params, lr=torch.tensor(1e-2), fused=None)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # creates the state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("family", ["adam", "adam_mini", "lion", "signum", "momentum", "sophia", "sophia_hessian",
                                     "apply_update"])
 def test_auto_picks_the_native_core_where_it_supports_the_tensors(device, family):

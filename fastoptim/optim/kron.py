@@ -213,6 +213,8 @@ class Kron(BaseOptimizer):
                 self._group_step(item, scales.get(item.index), due, balance)
 
     def _group_step(self, item: GroupWork, scale, due: bool, balance: bool) -> None:
+        # Per-parameter scalars (bias corrections, damping, the block-RMS clip) are computed for the whole group in
+        # a few foreach launches rather than a handful of launches per parameter.
         group = item.group
         grads = item.grads if scale is None else torch._foreach_mul(item.grads, scale)
         if group["normalize_grads"]:
@@ -222,27 +224,44 @@ class Kron(BaseOptimizer):
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_add_(steps, 1)
         layouts = [self.layout(group, p) for p in item.params]
-        blocks = [lay.to_blocks(m).float() / (1 - beta1 ** s.item()) for lay, m, s in zip(layouts, exp_avgs, steps)]
-        noise = [torch.randn(b.shape, generator=self._generator(b.device), device=b.device) if due else None
-                 for b in blocks]
+        corrections = [1 / (1 - beta1 ** s.item()) for s in steps]  # m̂ = m·correction
+        blocks = [lay.to_blocks(m).float() for lay, m in zip(layouts, exp_avgs)]
+        if due:
+            noise = [torch.randn(b.shape, generator=self._generator(b.device), device=b.device) for b in blocks]
+            # √eps·mean|m̂| over each parameter's blocks (its zero padding included)
+            damping = torch._foreach_mul(torch._foreach_norm(blocks, 1),
+                                         [DAMPING * c / max(b.numel(), 1) for c, b in zip(corrections, blocks)])
         batches = defaultdict(list)  # same block shape and factor kinds: one batched call
         for i, lay in enumerate(layouts):
             batches[(lay.block, lay.special, item.params[i].device)].append(i)
         directions = [None] * len(item.params)
-        for (block, diagonal, _), idx in batches.items():
+        for (block, diagonal, device), idx in batches.items():
             qs = [packed_state([item.states[i] for i in idx], f"Q{axis}") for axis in range(len(block))]
-            m = concat([blocks[i] for i in idx])
+            m = concat([blocks[i] for i in idx]) * _per_block([corrections[i] for i in idx],
+                                                             [blocks[i].shape[0] for i in idx], len(block), device)
             params = [item.params[i] for i in idx]
             if due:
                 if balance:
                     self.functional("kron_balance", params)(qs)
-                damping = concat([(DAMPING * blocks[i].abs().mean()).expand(blocks[i].shape[0]) for i in idx])
                 self.functional("kron_update_preconditioner", params)(
-                    m, qs, diagonal, concat([noise[i] for i in idx]), damping, precond_lr=group["precond_lr"])
+                    m, qs, diagonal, concat([noise[i] for i in idx]),
+                    torch.cat([damping[i].expand(blocks[i].shape[0]) for i in idx]), precond_lr=group["precond_lr"])
             out = self.functional("kron_precondition", params)(m, qs, diagonal)
             for i, u in zip(idx, out.split([layouts[i].num_blocks for i in idx])):
                 directions[i] = layouts[i].from_blocks(u).to(item.params[i].dtype)
-        for u in directions:
-            u.div_((u.pow(2).mean().sqrt() / BLOCK_RMS_LIMIT).clamp(min=1.0))
+        # u ← u/max(1, rms(u)/1.1) per parameter
+        limits = torch._foreach_mul(torch._foreach_norm(directions),
+                                    [1 / (BLOCK_RMS_LIMIT * math.sqrt(max(u.numel(), 1))) for u in directions])
+        torch._foreach_clamp_min_(limits, 1.0)
+        torch._foreach_div_(directions, limits)
         self.functional("apply_update", item.params)(item.params, directions, lr=group["lr"],
                                                      weight_decay=decay_of(group))
+
+
+def _per_block(values: list[float], counts: list[int], block_ndim: int, device: torch.device):
+    """Per-parameter factors for a batch of blocks: a float where all parameters share one (the usual case: equal
+    step counts), else one value per block shaped to broadcast over the blocks."""
+    if len(set(values)) == 1:
+        return values[0]
+    per_block = torch.cat([torch.full((n,), v, device=device) for v, n in zip(values, counts)])
+    return per_block.view(-1, *[1] * block_ndim)

@@ -92,20 +92,20 @@ class Soap(BaseOptimizer):
         scales = self.clip_scales(work)
         for item in work:
             group, scale = item.group, scales.get(item.index)
+            grads = item.grads if scale is None else torch._foreach_mul(item.grads, scale)
             batches = defaultdict(list)  # same block shape, rotated axes and step: one batched call
             for i, p in enumerate(item.params):
                 layout = self.layout(group, p)
                 batches[(layout.block, layout.special, p.dtype, p.device, int(item.states[i]["step"]))].append(i)
             for (block, special, *_, done), idx in batches.items():
-                self._batch_step(item, idx, len(block), done + 1, scale)
+                self._batch_step(item, grads, idx, len(block), done + 1)
 
-    def _batch_step(self, item: GroupWork, idx: list[int], ndim: int, step: int, scale) -> None:
+    def _batch_step(self, item: GroupWork, grads: list[torch.Tensor], idx: list[int], ndim: int, step: int) -> None:
         group = item.group
         params = [item.params[i] for i in idx]
         states = [item.states[i] for i in idx]
         layouts = [self.layout(group, p) for p in params]
-        grads = [lay.to_blocks(item.grads[i] if scale is None else item.grads[i] * scale)
-                 for lay, i in zip(layouts, idx)]
+        grads = [lay.to_blocks(grads[i]) for lay, i in zip(layouts, idx)]
         keys = ["exp_avg", "exp_avg_sq"] + [f"{k}{a}" for a in range(ndim) for k in ("GG", "Q")]
         batched = {k: packed_state(states, k) for k in keys if k in states[0]}
         ggs = [batched.get(f"GG{a}") for a in range(ndim)]
