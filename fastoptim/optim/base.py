@@ -18,7 +18,6 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import reduce
 
 import torch
 
@@ -89,21 +88,6 @@ COMMON_HPARAM_RULES: Mapping[str, Callable] = {
     "weight_decay": check_nonnegative,
     "max_grad_norm": check_nonnegative,
 }
-
-
-def global_clip_scale(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
-    """min(1, max_norm/‖tensors‖₂) over the whole list as a 0-dim tensor (no host sync), or None when off.
-
-    This is optax's clip_by_global_norm (the spec's clip): tensors are left alone while their global norm is below
-    max_norm and scaled onto it otherwise. The norm is computed in the widest dtype of the list.
-    """
-    if max_norm == 0 or not tensors:
-        return None
-    dtype = reduce(torch.promote_types, (t.dtype for t in tensors))
-    device = tensors[0].device
-    norms = torch._foreach_norm(tensors)
-    total = torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]))
-    return (max_norm / total).clamp(max=1.0)
 
 
 def decay_of(group: Mapping) -> float:
@@ -297,7 +281,11 @@ class BaseOptimizer(torch.optim.Optimizer):
                 by_limit.setdefault(item.group.get("max_grad_norm", 0.0), []).append(item)
         scales = {}
         for limit, items in by_limit.items():
-            scale = global_clip_scale([t for item in items for t in tensors_of(item)], limit)
+            tensors = [t for item in items for t in tensors_of(item)]
+            # The native reduction wherever it takes the tensors, also under fused=True: the clip is not one of the
+            # optimizer's own families, and a factor from either path is the same number.
+            clip = functional.select("clip_scale", tensors, None if self.fused is not False else False)
+            scale = clip(tensors, limit)
             scales.update((item.index, scale) for item in items)
         return scales
 

@@ -10,7 +10,7 @@ Conventions shared by every core:
 - ``lr`` is a python float or a 0-dim tensor on the parameters' device (so a step can be graph-captured).
 - ``weight_decay`` is already masked by the caller (0 for parameters the mask excludes); the update is
   ``w ← w − lr·(u + λ·w)`` (apply_update_).
-- ``grad_scale`` is the global-norm clip factor (a 0-dim tensor from base.global_clip_scale) or None. It scales
+- ``grad_scale`` is the global-norm clip factor (a 0-dim tensor from the clip_scale family) or None. It scales
   the gradient as the core reads it; ``p.grad`` itself is never modified.
 - ``steps`` are the per-parameter 0-dim float32 CPU step counters; cores that bias-correct increment them and
   read them on the host. So the pure cores of bias-corrected families are not CUDA-graph capturable (a captured
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from fastoptim.optim.functional.adam import adam_, mars_correction
 from fastoptim.optim.functional.adam_mini import adam_mini_
-from fastoptim.optim.functional.common import apply_update_
+from fastoptim.optim.functional.common import apply_update_, clip_scale
 from fastoptim.optim.functional.kron import kron_balance_, kron_precondition, kron_update_preconditioner_
 from fastoptim.optim.functional.lion import lion_
 from fastoptim.optim.functional.momentum import momentum_, signum_
@@ -40,6 +40,7 @@ PURE: dict[str, Callable] = {
     "sophia": sophia_,
     "sophia_hessian": sophia_hessian_,
     "apply_update": apply_update_,
+    "clip_scale": clip_scale,
     "newton_schulz": newton_schulz,
     "orthogonalized_step": orthogonalized_step_,
     "soap_init": soap_init_,
@@ -92,5 +93,5 @@ def select(family: str, tensors: list, fused: bool | None) -> Callable:
 
 
 __all__ = ["PURE", "register_fused", "select", "adam_", "mars_correction", "adam_mini_", "apply_update_", "lion_",
-           "momentum_", "orthogonalized_step_", "signum_", "sophia_", "sophia_hessian_", "newton_schulz", "soap_init_",
+           "momentum_", "orthogonalized_step_", "clip_scale", "signum_", "sophia_", "sophia_hessian_", "newton_schulz", "soap_init_",
            "soap_step_", "kron_update_preconditioner_", "kron_precondition", "kron_balance_"]

@@ -1,6 +1,24 @@
-"""Pieces every core shares: reading clipped gradients, counting steps, and the decoupled-decay update."""
+"""Pieces every core shares: the global-norm clip, reading clipped gradients, counting steps, and the
+decoupled-decay update."""
+
+from functools import reduce
 
 import torch
+
+
+def clip_scale(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
+    """min(1, max_norm/‖tensors‖₂) over the whole list as a 0-dim tensor (no host sync), or None when off.
+
+    This is optax's clip_by_global_norm (the spec's clip): tensors are left alone while their global norm is below
+    max_norm and scaled onto it otherwise. The norm is computed in the widest dtype of the list.
+    """
+    if max_norm == 0 or not tensors:
+        return None
+    dtype = reduce(torch.promote_types, (t.dtype for t in tensors))
+    device = tensors[0].device
+    norms = torch._foreach_norm(tensors)
+    total = torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]))
+    return (max_norm / total).clamp(max=1.0)
 
 
 def scaled(grads: list[torch.Tensor], grad_scale: torch.Tensor | None) -> list[torch.Tensor]:

@@ -17,17 +17,17 @@ from fastoptim.optim.functional import register_fused
 from fastoptim.optim.functional.common import advance
 
 
-def supports(tensors) -> bool:
-    """Dense, contiguous float32/bfloat16/float16 tensors of one dtype on one device: the CPU, or a GPU when the
-    CUDA kernels are built."""
+def supports(tensors, one_dtype: bool = True) -> bool:
+    """Dense, contiguous float32/bfloat16/float16 tensors of one dtype (unless `one_dtype` is False) on one device:
+    the CPU, or a GPU when the CUDA kernels are built."""
     if not tensors:
         return True
     first = tensors[0]
     if first.device.type == "cuda" and not ops.CUDA_KERNELS_BUILT:
         return False
     return first.device.type in ("cpu", "cuda") and all(
-        t.layout == torch.strided and t.is_contiguous() and t.dtype == first.dtype and t.dtype in FLOAT_DTYPES
-        and t.device == first.device
+        t.layout == torch.strided and t.is_contiguous() and (t.dtype == first.dtype or not one_dtype)
+        and t.dtype in FLOAT_DTYPES and t.device == first.device
         for t in tensors
     )
 
@@ -104,6 +104,8 @@ for _family, _core in {
     "orthogonalized_step": ops.orthogonalized_step_,
 }.items():
     register_fused(_family, _core, supports)
+# One reduction over all gradients, whatever mix of float dtypes they have.
+register_fused("clip_scale", ops.clip_scale, lambda tensors: supports(tensors, one_dtype=False))
 
 
 # Soap's and Kron's block-batched cores live in their own module, registered the same way.
