@@ -39,23 +39,27 @@ class AdamW(BaseOptimizer):
             self.adam_step(item, item.grads, scales.get(item.index))
 
     def adam_step(self, item: GroupWork, grads, grad_scale) -> None:
-        group = item.group
-        beta1, beta2 = group["betas"]
-        self.functional("adam", item.params)(
-            item.params,
-            grads,
-            item.state_list("exp_avg"),
-            item.state_list("exp_avg_sq"),
-            item.state_list("step"),
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=decay_of(group),
-            grad_scale=grad_scale,
-            nesterov=self.nesterov,
-            cautious=self.cautious,
-        )
+        run_moments_core(self, "adam", item, grads, grad_scale, nesterov=self.nesterov, cautious=self.cautious)
+
+
+def run_moments_core(optimizer: BaseOptimizer, family: str, item: GroupWork, grads, grad_scale, **flags) -> None:
+    """Call an Adam-moments core ("adam" or "adam_mini") on one group's work with the group's hyperparameters."""
+    group = item.group
+    beta1, beta2 = group["betas"]
+    optimizer.functional(family, item.params)(
+        item.params,
+        grads,
+        item.state_list("exp_avg"),
+        item.state_list("exp_avg_sq"),
+        item.state_list("step"),
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=decay_of(group),
+        grad_scale=grad_scale,
+        **flags,
+    )
 
 
 class NAdamW(AdamW):

@@ -3,7 +3,8 @@
 import torch
 from torch import nn
 
-from fastoptim.optim.base import BaseOptimizer, GroupWork, decay_of
+from fastoptim.optim.adam import run_moments_core
+from fastoptim.optim.base import BaseOptimizer, GroupWork
 
 _ADAMW_KINDS = frozenset({"norm", "bias", "other"})
 
@@ -79,19 +80,5 @@ class AdamMini(BaseOptimizer):
     def update(self, work: list[GroupWork]) -> None:
         scales = self.clip_scales(work)
         for item in work:
-            group = item.group
-            beta1, beta2 = group["betas"]
-            family = "adam_mini" if group["branch"] == "mini" else "adam"
-            self.functional(family, item.params)(
-                item.params,
-                item.grads,
-                item.state_list("exp_avg"),
-                item.state_list("exp_avg_sq"),
-                item.state_list("step"),
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=decay_of(group),
-                grad_scale=scales.get(item.index),
-            )
+            family = "adam_mini" if item.group["branch"] == "mini" else "adam"
+            run_moments_core(self, family, item, item.grads, scales.get(item.index))
