@@ -49,6 +49,12 @@ def ratios(run: dict) -> dict[str, float]:
     return {b["fullname"]: b["extra_info"]["ratio"] for b in run["benchmarks"] if "ratio" in b.get("extra_info", {})}
 
 
+def merge_runs(old: dict, new: dict) -> dict:
+    """`new` plus every benchmark of `old` that `new` did not measure (partial runs accumulate into one baseline)."""
+    measured = {b["fullname"] for b in new["benchmarks"]}
+    return {**new, "benchmarks": [b for b in old["benchmarks"] if b["fullname"] not in measured] + new["benchmarks"]}
+
+
 def baseline_path(device: str, results_dir=RESULTS_DIR) -> Path:
     return Path(results_dir) / device / BASELINE_NAME
 

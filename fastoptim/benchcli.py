@@ -1,15 +1,16 @@
 """`fastoptim bench`: run the bench/ suite for the installed backends and print one table.
 
-    fastoptim bench [--device cpu|cuda] [--filter EXPR] [--quick] [--save DIR] [--compare [--threshold 0.25]]
+    fastoptim bench [--device cpu|cuda] [--filter EXPR] [--quick] [--save DIR [--merge]] [--compare [--threshold 0.25]]
 
 Per benchmark: the fastest round's time, its ratio to the reference measured in the same run (a copy of the same
 bytes, or a matmul of the same FLOPs), the achieved rate as % of that reference (the practical floor), and for our
 backends the speedup over each peer of the same group. `--save DIR` keeps the run as DIR/<device>/baseline.json
-(`--save bench/results` records this device's baseline); `--compare` checks the run against the saved baseline
+(`--save bench/results` records this device's baseline; `--merge` adds a partial run to it); `--compare` checks the run against the saved baseline
 like bench/compare.py and exits 1 on a regression. The suite lives in a source checkout's bench/ folder.
 """
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-time", type=float, help="wall seconds of rounds per benchmark")
     parser.add_argument("--threads", type=int, help="torch threads on CPU (default 1, timed with the process clock)")
     parser.add_argument("--save", metavar="DIR", help="keep the run as DIR/<device>/baseline.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --save: keep the saved baseline's other benchmarks, replacing those measured now")
     parser.add_argument("--compare", action="store_true", help="compare with bench/results/<device>/baseline.json")
     parser.add_argument("--threshold", type=float, help="allowed growth of a ratio for --compare (default 0.25)")
     args = parser.parse_args(argv)
@@ -94,7 +97,10 @@ def main(argv=None) -> int:
         if args.save:
             target = compare.baseline_path(compare.run_device(run), args.save)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run_file, target)
+            if args.merge and target.is_file():
+                target.write_text(json.dumps(compare.merge_runs(compare.load_run(target), run), indent=1))
+            else:
+                shutil.copyfile(run_file, target)
             print(f"saved {target}")
     return code
 

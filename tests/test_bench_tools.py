@@ -102,6 +102,15 @@ def test_a_regression_that_does_not_repeat_on_rerun_passes(tmp_path):
     assert compare.check(run, 0.25, results_dir=tmp_path / "results", rerun=lambda names: {"g::b": 2.9}) == 1
 
 
+def test_a_partial_run_merges_into_the_baseline():
+    old = _run({"adamw::fastoptim": 1.0, "adamw::torch": 1.2, "soap::fastoptim": 3.0})
+    new = _run({"soap::fastoptim": 2.5, "kron::fastoptim": 4.0}, device="cuda-new")
+    merged = compare.merge_runs(old, new)
+    assert compare.ratios(merged) == {"adamw::fastoptim": 1.0, "adamw::torch": 1.2, "soap::fastoptim": 2.5,
+                                      "kron::fastoptim": 4.0}
+    assert compare.run_device(merged) == "cuda-new"
+
+
 def test_missing_baseline_is_reported_clearly(tmp_path, capsys):
     _write(tmp_path / "results" / "nvidia-h100-80gb-hbm3" / "baseline.json", _run({"g::a": 1.0}))
     run = _write(tmp_path / "run.json", _run({"g::a": 1.0}))
