@@ -158,6 +158,13 @@ def test_symmetric_and_plain_methods_agree(device, rng, shape):
         assert_matches(ops.newton_schulz(x, steps=5, method=method), expected, gpu_dtype(device))
 
 
+def test_symmetric_method_takes_bfloat16_on_the_cpu(rng):
+    # The tiles of c·A·A go to a float32 buffer while A is bfloat16.
+    x = torch.randn(2, 64, 96, generator=rng).bfloat16()
+    expected = reference_newton_schulz(x, [QUINTIC] * 5, 1e-7)
+    assert_matches(ops.newton_schulz(x, steps=5, method="symmetric"), expected, torch.bfloat16)
+
+
 def test_input_is_left_untouched_and_may_be_strided(device, rng):
     x = torch.randn(2, 30, 18, generator=rng).to(device=device, dtype=gpu_dtype(device))
     before = x.clone()

@@ -14,8 +14,10 @@
 namespace fastoptim::cpu {
 
 struct SymmetricTiles {
-  static void upper_products(const at::Tensor& left, const at::Tensor& right, double alpha, double beta,
-                             at::Tensor& out, int64_t tile) {
+  static void upper_products(const at::Tensor& left_operand, const at::Tensor& right_operand, double alpha,
+                             double beta, at::Tensor& out, int64_t tile) {
+    // CPU BLAS multiplies in the result's dtype (a float32 buffer may receive bfloat16 operands).
+    const at::Tensor left = left_operand.to(out.scalar_type()), right = right_operand.to(out.scalar_type());
     const int64_t tiles = out.size(1) / tile;
     for (int64_t b = 0; b < out.size(0); ++b) {
       for (int64_t i = 0; i < tiles; ++i) {
