@@ -48,9 +48,8 @@ def family_step(family, shapes, device, fused):
         else:
             def step():
                 corrected = functional.PURE["mars_correction"](g, prev, gamma=0.025, beta1=0.95)
-                from fastoptim.optim.base import global_clip_scale
-
-                functional.PURE["adam"](p, corrected, m, v, steps, **HP, grad_scale=global_clip_scale(corrected, 1.0))
+                scale = functional.PURE["clip_scale"](corrected, 1.0)
+                functional.PURE["adam"](p, corrected, m, v, steps, **HP, grad_scale=scale)
         return step, tensor_bytes(p, g, prev, m, v, p, prev, m, v)
     if family == "adam_mini":
         blocks = [torch.rand(t.shape[0], device=device) for t in v]
@@ -66,11 +65,7 @@ def family_step(family, shapes, device, fused):
         return (lambda: core("sophia")(p, g, m, v, steps, lr=1e-3, beta1=0.96, gamma=0.01, eps=1e-12,
                                        clip_threshold=1.0, weight_decay=0.1)), tensor_bytes(p, g, m, v, p, m)
     if family == "clip":
-        if fused:
-            return (lambda: ops.clip_scale(g, 1.0)), tensor_bytes(g)
-        from fastoptim.optim.base import global_clip_scale
-
-        return (lambda: global_clip_scale(g, 1.0)), tensor_bytes(g)
+        return (lambda: core("clip_scale")(g, 1.0)), tensor_bytes(g)
     raise ValueError(family)
 
 

@@ -4,7 +4,9 @@
 // Element functor (multi_tensor_apply): a small struct whose `load(const ChunkContext&)` (callable on host and
 // device) reads the step's scalars from their 0-dim tensors once per chunk and returns the per-element math: a
 // callable taking one element reference from each list, in list order. Writing the math once as a
-// C10_HOST_DEVICE functor is what makes the CPU and CUDA kernels compute the same function.
+// C10_HOST_DEVICE functor is what makes the CPU and CUDA kernels compute the same function. A list the math only
+// reads is named with a const element type at the call (`apply<float, const float>`): it gets const references,
+// and the CUDA launcher, which stages elements in registers, never writes it back.
 //
 // Reduce functor (multi_tensor_reduce): `load(ctx)` returns math whose `operator()(elements...)` gives a float
 // per element and whose `finish(float chunk_sum)` receives the chunk's sum (once per chunk; on CUDA from one

@@ -11,6 +11,7 @@
 
 #include <array>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "common/multi_tensor.h"
@@ -83,6 +84,22 @@ __device__ __forceinline__ std::tuple<Ts*...> pointers(const Meta& meta, int slo
   return {(static_cast<Ts*>(meta.addresses[I][slot]) + offset)...};
 }
 
+// Elements each thread keeps in flight per list: a round issues all its loads before any math or store, so a
+// memory-bound update has kIlp times the loads outstanding of a one-element loop.
+constexpr int kIlp = 4;
+
+// A thread's kIlp elements of one list, in registers.
+template <typename T>
+struct Lanes {
+  std::remove_const_t<T> value[kIlp];
+};
+
+// Lists whose element type is const are read only: their registers are never written back.
+template <typename T>
+__device__ __forceinline__ void store(T* address, const std::remove_const_t<T>& value) {
+  if constexpr (!std::is_const_v<T>) *address = value;
+}
+
 template <typename Functor, typename... Ts, size_t... I>
 __device__ __forceinline__ void apply_chunk(const TensorListMetadata<sizeof...(Ts)>& meta, const Functor& functor,
                                             int64_t chunk_base, std::index_sequence<I...> seq) {
@@ -91,8 +108,23 @@ __device__ __forceinline__ void apply_chunk(const TensorListMetadata<sizeof...(T
   const int64_t size = min(meta.numel[slot] - start, kChunkSize);
   const auto math = functor.load(ChunkContext{meta.tensor_index[slot], meta.numel[slot], chunk_base + blockIdx.x});
   const auto ptrs = pointers<Ts...>(meta, slot, start, seq);
-  for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
-    math(std::get<I>(ptrs)[i]...);
+  for (int64_t round = 0; round < size; round += static_cast<int64_t>(blockDim.x) * kIlp) {
+    std::tuple<Lanes<Ts>...> lanes;
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      const int64_t i = round + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (i < size) ((std::get<I>(lanes).value[k] = std::get<I>(ptrs)[i]), ...);
+    }
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      const int64_t i = round + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (i < size) math(static_cast<Ts&>(std::get<I>(lanes).value[k])...);
+    }
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      const int64_t i = round + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (i < size) (store(std::get<I>(ptrs) + i, std::get<I>(lanes).value[k]), ...);
+    }
   }
 }
 

@@ -186,8 +186,8 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
                                         step, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
   if (!call.device) return;
   FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "adamw_", [&] {
-    Backend::template multi_tensor_apply<param_t, param_t, state_t, state_t>({params, grads, exp_avgs, exp_avg_sqs},
-                                                                            AdamWStep{call.scalars});
+    Backend::template multi_tensor_apply<param_t, const param_t, state_t, state_t>(
+        {params, grads, exp_avgs, exp_avg_sqs}, AdamWStep{call.scalars});
   });
 }
 
@@ -205,8 +205,8 @@ void cautious_adamw_(at::TensorList params, at::TensorList grads, at::TensorList
   FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "cautious_adamw_", [&] {
     Backend::template multi_tensor_reduce<param_t, state_t, state_t>({grads, exp_avgs, exp_avg_sqs},
                                                                      CautiousCount{call.scalars, count_ptr});
-    Backend::template multi_tensor_apply<param_t, param_t, state_t, state_t>({params, grads, exp_avgs, exp_avg_sqs},
-                                                                            CautiousStep{call.scalars, count_ptr});
+    Backend::template multi_tensor_apply<param_t, const param_t, state_t, state_t>(
+        {params, grads, exp_avgs, exp_avg_sqs}, CautiousStep{call.scalars, count_ptr});
   });
 }
 
@@ -220,7 +220,7 @@ void mars_adamw_(at::TensorList params, at::TensorList grads, at::TensorList pre
   if (!call.device) return;
   const auto correction = static_cast<float>(gamma * beta1 / (1.0 - beta1));
   FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "mars_adamw_", [&] {
-    Backend::template multi_tensor_apply<param_t, param_t, state_t, state_t, state_t>(
+    Backend::template multi_tensor_apply<param_t, const param_t, state_t, state_t, state_t>(
         {params, grads, prev_grads, exp_avgs, exp_avg_sqs}, MarsStep{call.scalars, correction});
   });
 }

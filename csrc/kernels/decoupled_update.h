@@ -41,7 +41,7 @@ void decoupled_update_(at::TensorList params, at::TensorList updates, const at::
   const at::ScalarType update_dtype = common_float_dtype("updates", updates);
   const DecoupledUpdate functor{lr.data_ptr<float>(), static_cast<float>(weight_decay), static_cast<float>(scale)};
   FASTOPTIM_DISPATCH_PARAM_UPDATE(param_dtype, update_dtype, "decoupled_update_", [&] {
-    Backend::template multi_tensor_apply<param_t, update_t>({params, updates}, functor);
+    Backend::template multi_tensor_apply<param_t, const update_t>({params, updates}, functor);
   });
 }
 

@@ -111,7 +111,7 @@ void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   const StateCall call = check_state_call(params, grads, {"exp_avgs", exp_avgs}, lr, weight_decay, grad_scale);
   if (!call.device) return;
   FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "lion_", [&] {
-    Backend::template multi_tensor_apply<param_t, param_t, state_t>(
+    Backend::template multi_tensor_apply<param_t, const param_t, state_t>(
         {params, grads, exp_avgs}, LionStep{call.scalars, static_cast<float>(beta1), static_cast<float>(beta2)});
   });
 }
@@ -123,8 +123,8 @@ void signum_(at::TensorList params, at::TensorList grads, at::TensorList momentu
       check_state_call(params, grads, {"momentum_buffers", momentum_buffers}, lr, weight_decay, grad_scale);
   if (!call.device) return;
   FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "signum_", [&] {
-    Backend::template multi_tensor_apply<param_t, param_t, state_t>({params, grads, momentum_buffers},
-                                                                    SignumStep{call.scalars, static_cast<float>(beta)});
+    Backend::template multi_tensor_apply<param_t, const param_t, state_t>({params, grads, momentum_buffers},
+                                                                          SignumStep{call.scalars, static_cast<float>(beta)});
   });
 }
 
@@ -147,9 +147,10 @@ void momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::Tensor
                              ema};
   FASTOPTIM_DISPATCH_PARAM_STATE(grad_dtype, state_dtype, "momentum_", [&] {
     if (with_directions) {
-      Backend::template multi_tensor_apply<param_t, state_t, state_t>({grads, momentum_buffers, directions}, functor);
+      Backend::template multi_tensor_apply<const param_t, state_t, state_t>({grads, momentum_buffers, directions},
+                                                                            functor);
     } else {
-      Backend::template multi_tensor_apply<param_t, state_t>({grads, momentum_buffers}, functor);
+      Backend::template multi_tensor_apply<const param_t, state_t>({grads, momentum_buffers}, functor);
     }
   });
 }

@@ -110,7 +110,7 @@ at::Tensor soap_rotated_adam_(const at::Tensor& grads, const at::Tensor& exp_avg
   const at::Tensor m_rot = soap_detail::rotate_in(exp_avg, q_left, q_right);
   const SoapRotatedAdam functor{bias_correction.data_ptr<float>(), static_cast<float>(beta2),
                                 static_cast<float>(eps)};
-  Backend::template multi_tensor_apply<float, float, float>({exp_avg_sq, g_rot, m_rot}, functor);
+  Backend::template multi_tensor_apply<float, const float, float>({exp_avg_sq, g_rot, m_rot}, functor);
   return soap_detail::rotate_out(m_rot, q_left, q_right);
 }
 

@@ -65,8 +65,8 @@ void sophia_(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
       static_cast<float>(eps),
       static_cast<float>(clip_threshold)};
   FASTOPTIM_DISPATCH_PARAM_STATE(param_dtype, state_dtype, "sophia_", [&] {
-    Backend::template multi_tensor_apply<param_t, param_t, state_t, state_t>({params, grads, exp_avgs, hessians},
-                                                                            functor);
+    Backend::template multi_tensor_apply<param_t, const param_t, state_t, const state_t>(
+        {params, grads, exp_avgs, hessians}, functor);
   });
 }
 
@@ -78,8 +78,8 @@ void sophia_hessian_(at::TensorList hessians, at::TensorList estimates, double b
   const at::ScalarType estimate_dtype = common_float_dtype("estimates", estimates);
   const at::ScalarType state_dtype = check_state_dtype({{"hessians", hessians}}, estimate_dtype);
   FASTOPTIM_DISPATCH_PARAM_STATE(estimate_dtype, state_dtype, "sophia_hessian_", [&] {
-    Backend::template multi_tensor_apply<state_t, param_t>({hessians, estimates},
-                                                           HessianEma{static_cast<float>(beta2)});
+    Backend::template multi_tensor_apply<state_t, const param_t>({hessians, estimates},
+                                                                 HessianEma{static_cast<float>(beta2)});
   });
 }
 
