@@ -1,9 +1,9 @@
 // PSGD-Kron's preconditioner math on a batch of same-shape blocks (benchmark-spec §1.9): momentum blocks
-// (B, *block) and per block axis one Kronecker factor, upper triangular (B, b, b) or diagonal (B, b) (its shape
-// says which). Every product is a batched ATen call over all blocks of the batch, so the same code runs on CPU and
-// CUDA; a multiplication along the first or last block axis runs on the blocks in place, without a transposed copy.
-// 1-D blocks with a triangular factor (every hidden matrix of a small model, after Kron merges its dims) take an
-// O(b²) custom kernel instead (kernels/kron_vector_block.h).
+// (B, *block) and per block axis one Kronecker factor, upper triangular (B, b, b) (its strictly lower triangle
+// zero) or diagonal (B, b) (its shape says which). Every product is a batched ATen call over all blocks of the
+// batch, so the same code runs on CPU and CUDA; a multiplication along the first or last block axis runs on the
+// blocks in place, without a transposed copy. 1-D blocks with a triangular factor (every hidden matrix of a small
+// model, once Kron merges its dims) take O(b²) custom kernels instead (kernels/kron_vector_block.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -144,8 +144,7 @@ at::Tensor kron_precondition(const at::Tensor& grads, at::TensorList factors) {
 // factor per block (B,): G ← G + damping·V; A = Q·G along every axis; conjB = V·Q_i⁻¹ along every axis (V/q for a
 // diagonal factor). Then each factor, from the old ones: term1 = A_(i)A_(i)ᵀ, term2 = conjB_(i)conjB_(i)ᵀ,
 // Q_i ← Q_i − precond_lr/‖term1 + term2‖·triu(term1 − term2)·Q_i with ‖·‖ the spectral-norm lower bound; a
-// diagonal factor uses the diagonals of the terms and max|term1 + term2|. A triangular factor's strictly lower
-// triangle must be zero (the 1-D kernels read and write only the upper one).
+// diagonal factor uses the diagonals of the terms and max|term1 + term2|.
 template <typename Backend>
 void kron_update_preconditioner_(const at::Tensor& grads, at::TensorList factors, const at::Tensor& noise,
                                  const at::Tensor& damping, double precond_lr) {
