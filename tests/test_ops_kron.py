@@ -1,6 +1,9 @@
 """PSGD-Kron's ops against float64 references written from benchmark-spec §1.9, through opcheck and FakeTensor."""
 
 import math
+import pathlib
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -190,6 +193,25 @@ def test_vector_blocks_with_zero_input_leave_their_factor(device, rng):
     assert not torch.equal(q[~zero.to(device)], before[~zero.to(device)])
     torch.testing.assert_close(q.double().cpu(), expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(ops.kron_precondition(f32(g, device), [q])[zero.to(device)], torch.zeros(3, 9, device=device))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the team check")
+def test_vector_bodies_need_no_more_than_their_barriers_on_a_many_worker_team(tmp_path, rng):
+    """The CUDA kernels run the bodies above on 128 threads, which this machine cannot: a C++ harness runs them on
+    threads with the CUDA team's ownership rule under ThreadSanitizer (a cross-worker read without a barrier fails)
+    and checks that 2, 3 and 32 workers compute what one does."""
+    from torch.utils.cpp_extension import include_paths
+
+    source = pathlib.Path(__file__).with_name("kron_vector_team_check.cpp")
+    binary = tmp_path / "kron_vector_team_check"
+    csrc = pathlib.Path(__file__).parents[1] / "csrc"
+    build = subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", f"-I{csrc}",
+                            *(f"-I{p}" for p in include_paths()), str(source), "-o", str(binary)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    seed = int(torch.randint(2**31, (), generator=rng))
+    check = subprocess.run([str(binary), str(seed)], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "ThreadSanitizer" not in check.stderr, check.stdout + check.stderr
 
 
 def test_update_with_zero_gradient_and_noise_is_finite_and_leaves_factors(device):
