@@ -1,6 +1,9 @@
 """PSGD-Kron's ops against float64 references written from benchmark-spec §1.9, through opcheck and FakeTensor."""
 
 import math
+import pathlib
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -10,7 +13,8 @@ import fastoptim.ops as ops
 
 TINY = torch.finfo(torch.float32).tiny
 # (B, block shape, diagonal per axis): 2-D blocks with triangular, diagonal (Kron's vocab axis) or mixed factors,
-# 1-D blocks, 3-D blocks (a middle axis exercises the general path), a single block.
+# 1-D blocks (a triangular one takes the O(b²) kernels), 3-D blocks (a middle axis exercises the general path; one
+# longer than the rest of its block is preconditioned as Qᵀ·(Q·X)), a single block.
 LAYOUTS = [
     (3, (16, 12), (False, False)),
     (2, (20, 9), (True, False)),
@@ -19,8 +23,12 @@ LAYOUTS = [
     (2, (10,), (False,)),
     (2, (4, 5, 6), (False, True, False)),
     (2, (3, 4, 5), (False, False, False)),
+    (2, (3, 9, 2), (False, False, False)),
     (1, (8, 8), (True, True)),
 ]
+# 1-D blocks with a triangular factor, (B, b): sizes that are not multiples of a warp or of the CUDA team (128
+# threads), some above it (a thread owns several columns), up to a few hundred blocks.
+VECTOR_BLOCKS = [(1, 1), (5, 1), (3, 7), (300, 33), (4, 130), (2, 257)]
 
 
 def make_factors(batch, block, diagonal, gen):
@@ -134,6 +142,78 @@ def test_update_preconditioner_matches_float64_reference(device, rng, layout):
             assert torch.equal(q.cpu(), torch.triu(q.cpu())), "a triangular factor must stay upper triangular"
 
 
+def vector_inputs(batch, b, gen):
+    g, factors = random_inputs((batch, (b,), (False,)), gen)
+    noise = torch.randn(g.shape, generator=gen, dtype=torch.float64)
+    damping = 1e-3 * torch.rand(batch, generator=gen, dtype=torch.float64)
+    return g, factors, noise, damping
+
+
+@pytest.mark.parametrize("batch, b", VECTOR_BLOCKS)
+def test_vector_blocks_match_float64_reference(device, rng, batch, b):
+    g, factors, noise, damping = vector_inputs(batch, b, rng)
+    expected_direction = precondition_reference(g, factors, (False,))
+    expected_factor = update_reference(g, factors, (False,), noise, damping, 0.2)[0]
+    grads, q = f32(g, device), f32(factors[0], device)
+    out = ops.kron_precondition(grads, [q])
+    torch.testing.assert_close(out.double().cpu(), expected_direction, atol=2e-6, rtol=1e-5)
+    ops.kron_update_preconditioner_(grads, [q], f32(noise, device), f32(damping, device), precond_lr=0.2)
+    torch.testing.assert_close(q.double().cpu(), expected_factor, atol=1e-6, rtol=1e-5)
+    assert torch.equal(q.cpu(), torch.triu(q.cpu())), "a triangular factor must stay upper triangular"
+
+
+@pytest.mark.parametrize("batch, b", VECTOR_BLOCKS)
+def test_vector_blocks_agree_with_the_pure_core(device, rng, batch, b):
+    """The O(b²) kernels against the generic formulation (Gram terms, norm bound of the full matrix, triu(·)·Q) on the
+    same float32 inputs, over several updates so that the factors drift from their start."""
+    from fastoptim.optim.functional import kron as pure
+
+    g, factors, noise, damping = vector_inputs(batch, b, rng)
+    g, q, noise, damping = (f32(t, device) for t in (g, factors[0], noise, damping))
+    q_native, q_pure = q.clone(), q.clone()
+    for _ in range(3):
+        ops.kron_update_preconditioner_(g, [q_native], noise, damping, precond_lr=0.2)
+        pure.kron_update_preconditioner_(g, [q_pure], (False,), noise, damping, precond_lr=0.2)
+        torch.testing.assert_close(q_native, q_pure, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ops.kron_precondition(g, [q_native]), pure.kron_precondition(g, [q_pure], (False,)),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_vector_blocks_with_zero_input_leave_their_factor(device, rng):
+    """A zero momentum and noise block has zero Gram terms (bound 0, step precond_lr/tiny) and keeps its factor
+    exactly, as the generic path does; the other blocks of the batch are updated as usual."""
+    g, factors, noise, damping = vector_inputs(6, 9, rng)
+    zero = torch.tensor([True, False, True, False, False, True])
+    g[zero], noise[zero] = 0.0, 0.0
+    expected = update_reference(g, factors, (False,), noise, damping, 0.2)[0]
+    q = f32(factors[0], device)
+    before = q.clone()
+    ops.kron_update_preconditioner_(f32(g, device), [q], f32(noise, device), f32(damping, device), precond_lr=0.2)
+    assert torch.equal(q[zero.to(device)], before[zero.to(device)])
+    assert not torch.equal(q[~zero.to(device)], before[~zero.to(device)])
+    torch.testing.assert_close(q.double().cpu(), expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(ops.kron_precondition(f32(g, device), [q])[zero.to(device)], torch.zeros(3, 9, device=device))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the team check")
+def test_vector_bodies_need_no_more_than_their_barriers_on_a_many_worker_team(tmp_path, rng):
+    """The CUDA kernels run the bodies above on 128 threads, which this machine cannot: a C++ harness runs them on
+    threads with the CUDA team's ownership rule under ThreadSanitizer (a cross-worker read without a barrier fails)
+    and checks that 2, 3 and 32 workers compute what one does."""
+    from torch.utils.cpp_extension import include_paths
+
+    source = pathlib.Path(__file__).with_name("kron_vector_team_check.cpp")
+    binary = tmp_path / "kron_vector_team_check"
+    csrc = pathlib.Path(__file__).parents[1] / "csrc"
+    build = subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", f"-I{csrc}",
+                            *(f"-I{p}" for p in include_paths()), str(source), "-o", str(binary)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    seed = int(torch.randint(2**31, (), generator=rng))
+    check = subprocess.run([str(binary), str(seed)], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "ThreadSanitizer" not in check.stderr, check.stdout + check.stderr
+
+
 def test_update_with_zero_gradient_and_noise_is_finite_and_leaves_factors(device):
     g = torch.zeros(2, 4, 3, device=device)
     factors = [torch.eye(4, device=device).expand(2, 4, 4).contiguous(), torch.ones(2, 3, device=device)]
@@ -192,14 +272,15 @@ def test_balance_rejects_mismatched_batches():
         ops.kron_balance_([torch.ones(2, 5), torch.ones(3, 4)])
 
 
-def test_opcheck(device, rng):
-    g, factors = random_inputs((2, (5, 4), (False, True)), rng)
+@pytest.mark.parametrize("layout", [(2, (5, 4), (False, True)), (3, (7,), (False,))])
+def test_opcheck(device, rng, layout):
+    g, factors = random_inputs(layout, rng)
     g, factors = f32(g, device), [f32(q, device) for q in factors]
     fo = torch.ops.fastoptim
     torch.library.opcheck(fo.kron_precondition.default, (g, factors))
     torch.library.opcheck(fo.kron_update_preconditioner_.default,
-                          (g, [q.clone() for q in factors], torch.randn_like(g), torch.full((2,), 1e-3, device=device),
-                           0.1))
+                          (g, [q.clone() for q in factors], torch.randn_like(g),
+                           torch.full((g.shape[0],), 1e-3, device=device), 0.1))
     torch.library.opcheck(fo.kron_balance_.default, ([q.clone() for q in factors],))
 
 

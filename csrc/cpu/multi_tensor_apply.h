@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/multi_tensor.h"
+#include "cpu/block_team.h"
 
 namespace fastoptim::cpu {
 
@@ -145,6 +146,12 @@ struct Backend {
     double total = 0.0;
     for (int64_t i = 0; i < partials.numel(); ++i) total += values[i];
     *out.data_ptr<float>() = finish(total);
+  }
+
+  // Runs body(team, block, scratch) for every block in [0, blocks) (contract in common/block_team.h).
+  template <typename Body>
+  static void for_each_block(const at::Device&, int64_t blocks, int64_t scratch_floats, const Body& body) {
+    cpu::for_each_block(blocks, scratch_floats, body);
   }
 };
 

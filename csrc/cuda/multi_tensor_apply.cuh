@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "common/multi_tensor.h"
+#include "cuda/block_team.cuh"
 
 namespace fastoptim::cuda {
 
@@ -312,6 +313,13 @@ struct Backend {
     finish_sum_kernel<<<1, kBlockSize, 0, at::cuda::getCurrentCUDAStream()>>>(
         partials.data_ptr<float>(), partials.numel(), out.data_ptr<float>(), finish);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Runs body(team, block, scratch) for every block in [0, blocks), one thread block each (contract in
+  // common/block_team.h).
+  template <typename Body>
+  static void for_each_block(const at::Device& device, int64_t blocks, int64_t scratch_floats, const Body& body) {
+    cuda::for_each_block(device, blocks, scratch_floats, body);
   }
 };
 

@@ -1,15 +1,19 @@
 // PSGD-Kron's preconditioner math on a batch of same-shape blocks (benchmark-spec §1.9): momentum blocks
-// (B, *block) and per block axis one Kronecker factor, upper triangular (B, b, b) or diagonal (B, b) (its shape
-// says which). Every product is a batched ATen call over all blocks of the batch, so the same code runs on CPU and
-// CUDA; a multiplication along the first or last block axis runs on the blocks in place, without a transposed copy.
+// (B, *block) and per block axis one Kronecker factor, upper triangular (B, b, b) (its strictly lower triangle
+// zero) or diagonal (B, b) (its shape says which). Every product is a batched ATen call over all blocks of the
+// batch, so the same code runs on CPU and CUDA; a multiplication along the first or last block axis runs on the
+// blocks in place, without a transposed copy. 1-D blocks with a triangular factor (every hidden matrix of a small
+// model, once Kron merges its dims) take O(b²) custom kernels instead (kernels/kron_vector_block.h).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <limits>
 #include <string>
 #include <vector>
 
+#include "kernels/kron_vector_block.h"
 #include "kernels/soap_kron_checks.h"
 
 namespace fastoptim {
@@ -68,6 +72,19 @@ inline at::Tensor solve_along(const at::Tensor& x, int64_t axis, const at::Tenso
   return solved.view(moved.sizes()).movedim(-1, axis + 1);
 }
 
+// QᵀQ·x along block axis `axis`. With r = (block size)/b < b, the two products Qᵀ·(Q·x) (2b²r FLOPs each) cost less
+// than forming QᵀQ (2b³) and applying it (2b²r).
+inline at::Tensor gram_along(const at::Tensor& x, int64_t axis, const at::Tensor& q) {
+  const int64_t b = x.size(axis + 1), rest = c10::multiply_integers(x.sizes().slice(1)) / std::max<int64_t>(b, 1);
+  if (rest < b) return along(along(x, axis, q), axis, q.mT());
+  return along(x, axis, at::bmm(q.mT(), q));
+}
+
+// A batch of 1-D blocks with a triangular factor small enough for the O(b²) kernels.
+inline bool is_triangular_vector(const at::Tensor& grads, at::TensorList factors) {
+  return grads.dim() == 2 && !is_diagonal(factors[0]) && grads.size(1) <= kron_vector::kMaxBlock;
+}
+
 // x_(axis)·x_(axis)ᵀ per block: (B, b, b).
 inline at::Tensor unfold_gram(const at::Tensor& x, int64_t axis) {
   const int64_t batch = x.size(0), b = x.size(axis + 1);
@@ -102,14 +119,23 @@ inline at::Tensor norm_lower_bound(const at::Tensor& a) {
 }  // namespace kron_detail
 
 // (Q_1ᵀQ_1 ⊗ Q_2ᵀQ_2 ⊗ …)·G per block; a diagonal factor q scales its axis by q².
-inline at::Tensor kron_precondition(const at::Tensor& grads, at::TensorList factors) {
+template <typename Backend>
+at::Tensor kron_precondition(const at::Tensor& grads, at::TensorList factors) {
   check_block_batch(grads, 1, 8);
   kron_detail::check_factors(grads, factors);
+  if (kron_detail::is_triangular_vector(grads, factors)) {
+    const at::Tensor out = at::empty_like(grads);
+    const int b = static_cast<int>(grads.size(1));
+    const kron_vector::TriangularVectorPrecondition body{factors[0].data_ptr<float>(), grads.data_ptr<float>(),
+                                                         out.data_ptr<float>(), b};
+    Backend::for_each_block(grads.device(), grads.size(0), body.kScratchPerEntry * b, body);
+    return out;
+  }
   at::Tensor out = grads;
   for (size_t axis = 0; axis < factors.size(); ++axis) {
     const at::Tensor& q = factors[axis];
     out = kron_detail::is_diagonal(q) ? out * kron_detail::axis_view(q * q, out, axis)
-                                      : kron_detail::along(out, axis, at::bmm(q.mT(), q));
+                                      : kron_detail::gram_along(out, axis, q);
   }
   return out.is_same(grads) ? out.clone() : out.contiguous();
 }
@@ -119,14 +145,23 @@ inline at::Tensor kron_precondition(const at::Tensor& grads, at::TensorList fact
 // diagonal factor). Then each factor, from the old ones: term1 = A_(i)A_(i)ᵀ, term2 = conjB_(i)conjB_(i)ᵀ,
 // Q_i ← Q_i − precond_lr/‖term1 + term2‖·triu(term1 − term2)·Q_i with ‖·‖ the spectral-norm lower bound; a
 // diagonal factor uses the diagonals of the terms and max|term1 + term2|.
-inline void kron_update_preconditioner_(const at::Tensor& grads, at::TensorList factors, const at::Tensor& noise,
-                                        const at::Tensor& damping, double precond_lr) {
+template <typename Backend>
+void kron_update_preconditioner_(const at::Tensor& grads, at::TensorList factors, const at::Tensor& noise,
+                                 const at::Tensor& damping, double precond_lr) {
   const at::Device device = check_block_batch(grads, 1, 8);
   kron_detail::check_factors(grads, factors);
   check_block_tensor("noise", noise, device);
   check_shape("noise", noise, grads.sizes());
   check_block_tensor("damping", damping, device);
   check_shape("damping", damping, {grads.size(0)});
+  if (kron_detail::is_triangular_vector(grads, factors)) {
+    const int b = static_cast<int>(grads.size(1));
+    const kron_vector::TriangularVectorUpdate body{factors[0].data_ptr<float>(), grads.data_ptr<float>(),
+                                                  noise.data_ptr<float>(), damping.data_ptr<float>(),
+                                                  static_cast<float>(precond_lr), b};
+    Backend::for_each_block(device, grads.size(0), body.kScratchPerEntry * b, body);
+    return;
+  }
 
   std::vector<int64_t> per_block(grads.dim(), 1);
   per_block[0] = grads.size(0);
