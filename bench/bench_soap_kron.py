@@ -12,6 +12,8 @@ as ours: heavyball's SOAP does not cut blocks, kron-torch samples its update sch
 work each library does for "a Soap/Kron step", as a user meets it.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -62,21 +64,29 @@ def soap_flops(model, block_size) -> int:
     return total
 
 
+def kron_block_flops(block, diagonal) -> int:
+    """One Kron block's FLOPs on a step that updates the preconditioner (each step early on). A 1-D block with a
+    triangular factor takes the O(b²) kernels: Q·x, the forward substitution, the suffix-sum sweep of Q (two running
+    sums and the update) and Qᵀ·(Q·g), 8·b² in all. Otherwise, per triangular side of size d: A = Q·G, the
+    triangular solve (half a product), the two Gram terms and triu(·)·Q, then the direction by (QᵀQ)·G, or by
+    Qᵀ·(Q·G) where the rest of the block is smaller than d."""
+    if len(block) == 1 and not diagonal[0]:
+        return 8 * block[0] ** 2
+    numel = math.prod(block)
+    total = 0
+    for d, diag in zip(block, diagonal):
+        if diag:
+            continue
+        along, cube = matmul_flops(d, d, numel // d), matmul_flops(d, d, d)
+        total += along * 7 // 2 + cube + (2 * along if numel // d < d else cube + along)
+    return total
+
+
 def kron_flops(model, block_size) -> int:
-    """Per block and triangular side of size d, on a step that updates the preconditioner (each step early on):
-    QᵀQ and its application; A = Q·G; the triangular solve (half a product); the two Gram terms; triu(·)·Q."""
     from fastoptim.optim.kron import kron_layout
 
-    total = 0
-    for p in model.parameters():
-        lay = kron_layout(tuple(p.shape), block_size, 8192, 25000)
-        numel_block = 1
-        for d in lay.block:
-            numel_block *= d
-        along = side_flops(lay, numel_block, [not s for s in lay.special])
-        cubes = [2 * matmul_flops(d, d, d) for d, s in zip(lay.block, lay.special) if not s]
-        total += lay.num_blocks * (sum(cubes) + sum(along) * 9 // 2)
-    return total
+    layouts = [kron_layout(tuple(p.shape), block_size, 8192, 25000) for p in model.parameters()]
+    return sum(lay.num_blocks * kron_block_flops(lay.block, lay.special) for lay in layouts)
 
 
 def ours(name, fused):
@@ -204,18 +214,15 @@ def kron_core(native):
 
 
 def core_flops(optimizer, batches) -> int:
-    """Per block and matrix side of size b (the other axes holding r = numel/b): Soap's step makes four products
-    along it (g and m in, the direction back, the statistics), 2·b·numel each. Kron's update and application make
-    A = Q·G, a triangular solve (half a product), two Gram terms, QᵀQ and its application, and triu(·)·Q:
-    4.5 products along it and two b×b×b products."""
+    """Soap: per block and rotated side of size b (the other axes holding numel/b), four products along it (g and m
+    in, the direction back, the statistics), 2·b·numel each. Kron: kron_block_flops per block."""
     total = 0
     for block, special, grads, _ in batches:
+        if optimizer == "kron":
+            total += grads.shape[0] * kron_block_flops(block, special)
+            continue
         numel = grads[0].numel()
-        for b, flag in zip(block, special):
-            if flag:  # Soap: not rotated; Kron: diagonal
-                continue
-            along = matmul_flops(b, b, numel // b)
-            total += grads.shape[0] * (4 * along if optimizer == "soap" else 9 * along // 2 + 2 * matmul_flops(b, b, b))
+        total += grads.shape[0] * sum(4 * matmul_flops(b, b, numel // b) for b, flag in zip(block, special) if not flag)
     return total
 
 
