@@ -180,14 +180,8 @@ PEERS = {
 }
 
 
-# Ours, too slow to benchmark on a 2-core CPU for now (measured here, on cpu-tiny, under load).
-CPU_TOO_SLOW = {"kron": "fastoptim's Kron step takes over a minute on cpu-tiny on a 2-core CPU; CUDA only for now"}
-
-
 def _ours(name: str, backend: str, model, device):
     require_optimizer(name)
-    if device.type == "cpu" and name in CPU_TOO_SLOW:
-        pytest.skip(CPU_TOO_SLOW[name])
     from fastoptim.optim.registry import build_optimizer
 
     # "fastoptim" is what a user gets by default (fused=None: the kernels wherever an op exists for the tensors),
