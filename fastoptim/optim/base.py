@@ -283,7 +283,7 @@ class BaseOptimizer(torch.optim.Optimizer):
         for limit, items in by_limit.items():
             tensors = [t for item in items for t in tensors_of(item)]
             # The native reduction wherever it takes the tensors, also under fused=True: the clip is not one of the
-            # optimizer's own families, and a factor from either path is the same number.
+            # optimizer's own families, and either path gives the same factor up to float rounding.
             clip = functional.select("clip_scale", tensors, None if self.fused is not False else False)
             scale = clip(tensors, limit)
             scales.update((item.index, scale) for item in items)
