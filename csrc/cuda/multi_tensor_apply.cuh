@@ -85,6 +85,18 @@ __device__ __forceinline__ std::tuple<Ts*...> pointers(const Meta& meta, int slo
   return {(static_cast<Ts*>(meta.addresses[I][slot]) + offset)...};
 }
 
+// This block's chunk of an element walk: its size, the functor's math loaded for it, and each list's pointer to its
+// first element.
+template <typename... Ts, typename Functor, size_t... I>
+__device__ __forceinline__ auto block_chunk(const TensorListMetadata<sizeof...(Ts)>& meta, const Functor& functor,
+                                            int64_t chunk_base, std::index_sequence<I...> seq) {
+  const int slot = meta.block_to_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+  const int64_t size = min(meta.numel[slot] - start, kChunkSize);
+  const auto math = functor.load(ChunkContext{meta.tensor_index[slot], meta.numel[slot], chunk_base + blockIdx.x});
+  return std::make_tuple(size, math, pointers<Ts...>(meta, slot, start, seq));
+}
+
 // Elements each thread keeps in flight per list: a round issues all its loads before any math or store, so a
 // memory-bound update has kIlp times the loads outstanding of a one-element loop.
 constexpr int kIlp = 4;
@@ -104,11 +116,7 @@ __device__ __forceinline__ void store(T* address, const std::remove_const_t<T>& 
 template <typename Functor, typename... Ts, size_t... I>
 __device__ __forceinline__ void apply_chunk(const TensorListMetadata<sizeof...(Ts)>& meta, const Functor& functor,
                                             int64_t chunk_base, std::index_sequence<I...> seq) {
-  const int slot = meta.block_to_tensor[blockIdx.x];
-  const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
-  const int64_t size = min(meta.numel[slot] - start, kChunkSize);
-  const auto math = functor.load(ChunkContext{meta.tensor_index[slot], meta.numel[slot], chunk_base + blockIdx.x});
-  const auto ptrs = pointers<Ts...>(meta, slot, start, seq);
+  const auto [size, math, ptrs] = block_chunk<Ts...>(meta, functor, chunk_base, seq);
   for (int64_t round = 0; round < size; round += static_cast<int64_t>(blockDim.x) * kIlp) {
     std::tuple<Lanes<Ts>...> lanes;
 #pragma unroll
@@ -132,11 +140,7 @@ __device__ __forceinline__ void apply_chunk(const TensorListMetadata<sizeof...(T
 template <typename Functor, typename... Ts, size_t... I>
 __device__ __forceinline__ void reduce_chunk(const TensorListMetadata<sizeof...(Ts)>& meta, const Functor& functor,
                                              int64_t chunk_base, std::index_sequence<I...> seq) {
-  const int slot = meta.block_to_tensor[blockIdx.x];
-  const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
-  const int64_t size = min(meta.numel[slot] - start, kChunkSize);
-  const auto math = functor.load(ChunkContext{meta.tensor_index[slot], meta.numel[slot], chunk_base + blockIdx.x});
-  const auto ptrs = pointers<Ts...>(meta, slot, start, seq);
+  const auto [size, math, ptrs] = block_chunk<Ts...>(meta, functor, chunk_base, seq);
   float sum = 0.0f;
   for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
     sum += math(std::get<I>(ptrs)[i]...);
