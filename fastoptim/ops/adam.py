@@ -13,29 +13,29 @@ from fastoptim.ops._scalars import step_scalar
 from fastoptim.ops._step_checks import check_update_call, device_of, optional_scalar
 
 
-def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, step, beta1, beta2, eps, weight_decay=0.0, nesterov=False,
-           grad_scale=None):
-    """AdamW; with ``nesterov``, NAdamW's numerator β1·m/(1−β1^(t+1)) + (1−β1)·g/(1−β1^t)."""
+def moments_op(op, params, grads, exp_avgs, exp_avg_sqs, lr, step, *hyper, grad_scale):
+    """Call an op of the Adam moments (AdamW, Cautious, Adam-mini): the four lists, lr and step as device scalars,
+    the op's own scalars `hyper` in schema order, then the optional clip factor. Nothing to do for empty lists."""
     device = device_of(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     if device is None:
         return
-    torch.ops.fastoptim.adamw_(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), step_scalar(lr, device),
-        step_scalar(step, device), beta1, beta2, eps, weight_decay, nesterov, optional_scalar(grad_scale, device),
-    )
+    op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), step_scalar(lr, device), step_scalar(step, device),
+       *hyper, optional_scalar(grad_scale, device))
+
+
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, step, beta1, beta2, eps, weight_decay=0.0, nesterov=False,
+           grad_scale=None):
+    """AdamW; with ``nesterov``, NAdamW's numerator β1·m/(1−β1^(t+1)) + (1−β1)·g/(1−β1^t)."""
+    moments_op(torch.ops.fastoptim.adamw_, params, grads, exp_avgs, exp_avg_sqs, lr, step, beta1, beta2, eps,
+               weight_decay, nesterov, grad_scale=grad_scale)
 
 
 def cautious_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, step, beta1, beta2, eps, weight_decay=0.0,
                     nesterov=False, grad_scale=None):
     """Cautious AdamW: u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε), the mean per tensor (g clipped); ``nesterov`` masks
     NAdamW's direction instead."""
-    device = device_of(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    if device is None:
-        return
-    torch.ops.fastoptim.cautious_adamw_(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), step_scalar(lr, device),
-        step_scalar(step, device), beta1, beta2, eps, weight_decay, nesterov, optional_scalar(grad_scale, device),
-    )
+    moments_op(torch.ops.fastoptim.cautious_adamw_, params, grads, exp_avgs, exp_avg_sqs, lr, step, beta1, beta2,
+               eps, weight_decay, nesterov, grad_scale=grad_scale)
 
 
 def mars_adamw_(params, grads, prev_grads, exp_avgs, exp_avg_sqs, *, lr, step, beta1, beta2, eps, gamma,
@@ -52,11 +52,6 @@ def mars_adamw_(params, grads, prev_grads, exp_avgs, exp_avg_sqs, *, lr, step, b
 
 
 @torch.library.register_fake("fastoptim::adamw_")
-def _(params, grads, exp_avgs, exp_avg_sqs, lr, step, beta1, beta2, eps, weight_decay, nesterov, grad_scale):
-    check_update_call(params, grads, dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs), dict(lr=lr, step=step),
-                      grad_scale)
-
-
 @torch.library.register_fake("fastoptim::cautious_adamw_")
 def _(params, grads, exp_avgs, exp_avg_sqs, lr, step, beta1, beta2, eps, weight_decay, nesterov, grad_scale):
     check_update_call(params, grads, dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs), dict(lr=lr, step=step),

@@ -8,19 +8,14 @@ update. Scalars and dtypes as in fastoptim.ops.adam.
 
 import torch
 
-from fastoptim.ops._scalars import step_scalar
-from fastoptim.ops._step_checks import check_state_dtype, check_update_call, device_of, optional_scalar
+from fastoptim.ops._step_checks import check_state_dtype, check_update_call
+from fastoptim.ops.adam import moments_op
 
 
 def adam_mini_(params, grads, exp_avgs, exp_avg_sqs, *, lr, step, beta1, beta2, eps, weight_decay=0.0,
                grad_scale=None):
-    device = device_of(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    if device is None:
-        return
-    torch.ops.fastoptim.adam_mini_(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), step_scalar(lr, device),
-        step_scalar(step, device), beta1, beta2, eps, weight_decay, optional_scalar(grad_scale, device),
-    )
+    moments_op(torch.ops.fastoptim.adam_mini_, params, grads, exp_avgs, exp_avg_sqs, lr, step, beta1, beta2, eps,
+               weight_decay, grad_scale=grad_scale)
 
 
 @torch.library.register_fake("fastoptim::adam_mini_")
