@@ -105,12 +105,11 @@ class Soap(BaseOptimizer):
         params = [item.params[i] for i in idx]
         states = [item.states[i] for i in idx]
         layouts = [self.layout(group, p) for p in params]
-        grads = [lay.to_blocks(grads[i]) for lay, i in zip(layouts, idx)]
+        grad_batch = concat([lay.to_blocks(grads[i]) for lay, i in zip(layouts, idx)])
         keys = ["exp_avg", "exp_avg_sq"] + [f"{k}{a}" for a in range(ndim) for k in ("GG", "Q")]
         batched = {k: packed_state(states, k) for k in keys if k in states[0]}
         ggs = [batched.get(f"GG{a}") for a in range(ndim)]
         qs = [batched.get(f"Q{a}") for a in range(ndim)]
-        grad_batch = concat(grads)
         if step == 1:
             self.functional("soap_init", params)(grad_batch, ggs, qs, shampoo_beta=group["shampoo_beta"],
                                                  eps=group["eps"])
