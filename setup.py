@@ -13,6 +13,7 @@ import shutil
 import subprocess
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 
 def resolve_cuda_home():
@@ -68,7 +69,7 @@ def pip_cuda_include_dirs():
 
 
 def extension():
-    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "module.cpp")]
+    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "sparse.cpp", "module.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     with_cuda, why_not = cuda_decision()
     cxx = ["-O3", "-g0", "-fopenmp"]  # -g0: Python's default flags ask for debug info, which triples compile time
@@ -89,7 +90,21 @@ def extension():
     )
 
 
+class BuildPyWithSuites(build_py):
+    """A wheel carries the benchmark suites (bench/*.py and the saved baselines) as fastoptim/bench/suite/bench/, so
+    that `fastoptim bench` runs from an installed package; a source checkout runs bench/ itself."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "fastoptim", "bench", "suite", "bench")
+        for source in glob.glob(os.path.join(ROOT, "bench", "*.py")) + glob.glob(
+                os.path.join(ROOT, "bench", "results", "*", "baseline.json")):
+            relative = os.path.relpath(source, os.path.join(ROOT, "bench"))
+            os.makedirs(os.path.dirname(os.path.join(target, relative)), exist_ok=True)
+            self.copy_file(source, os.path.join(target, relative))
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithSuites},
 )

@@ -1,1 +1,1 @@
-"""fastoptim's benchmark suite and its tools (see bench/conftest.py for how to write a benchmark)."""
+"""fastoptim's benchmark suites (pytest-benchmark); the tooling they use is fastoptim.bench."""

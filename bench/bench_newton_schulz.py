@@ -13,9 +13,9 @@ csrc/cuda/newton_schulz.cu) can be set from them.
 import pytest
 import torch
 
-from bench.backends import require_attr, require_op, require_optimizer, require_peer
-from bench.tensors import make_tensors
-from bench.work import newton_schulz_flops
+from fastoptim.bench.backends import require_attr, require_op, require_optimizer, require_peer
+from fastoptim.bench.tensors import make_tensors
+from fastoptim.bench.work import newton_schulz_flops
 
 NS_STEPS, NS_EPS, MOMENTUM, LR, WEIGHT_DECAY = 5, 1e-7, 0.95, 0.02, 0.1
 QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -55,11 +55,10 @@ def test_newton_schulz(benchmark, measure, matrix_set, bench_device, backend):
     shape = matrix_set.params[0].shape
     x = make_tensors(matrix_set, bench_device, iteration_dtype(bench_device))[0].unsqueeze(0)
     if backend == "fastoptim":
-        require_op("newton_schulz")
-        import fastoptim.ops as ops
+        newton_schulz = require_op("newton_schulz")
 
         def run():
-            ops.newton_schulz(x, NS_STEPS, NS_EPS)
+            newton_schulz(x, NS_STEPS, NS_EPS)
     else:
         def run():
             plain_chain(x)
@@ -72,12 +71,10 @@ def test_newton_schulz(benchmark, measure, matrix_set, bench_device, backend):
 @pytest.mark.shape_sets("512x512", "1024x1024", "4096x4096", "4096x11008")
 @pytest.mark.parametrize("method", ["plain", "symmetric"])
 def test_newton_schulz_method(benchmark, measure, matrix_set, bench_device, method):
-    require_op("newton_schulz")
-    import fastoptim.ops as ops
-
+    newton_schulz = require_op("newton_schulz")
     shape = matrix_set.params[0].shape
     x = make_tensors(matrix_set, bench_device, iteration_dtype(bench_device))[0].unsqueeze(0)
-    measure(lambda: ops.newton_schulz(x, NS_STEPS, NS_EPS, method=method), family=f"newton-schulz-{method}",
+    measure(lambda: newton_schulz(x, NS_STEPS, NS_EPS, method=method), family=f"newton-schulz-{method}",
             shapes=matrix_set, backend="fastoptim", bound="matrix", work=newton_schulz_flops(*shape, NS_STEPS))
     benchmark.extra_info["method"] = method
     record_floors(benchmark, [shape], NS_STEPS)

@@ -9,9 +9,9 @@ parameter and state element written once (float32 throughout here).
 import pytest
 import torch
 
-from bench.backends import require_op, require_peer
-from bench.tensors import make_tensors
-from bench.work import tensor_bytes
+from fastoptim.bench.backends import require_op, require_peer
+from fastoptim.bench.tensors import make_tensors
+from fastoptim.bench.work import tensor_bytes
 
 HP = dict(lr=1e-3, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1)
 
@@ -26,46 +26,44 @@ def lists(shapes, device, n, offset=0):
 
 
 def family_step(family, shapes, device, fused):
-    """(step function, bytes read and written) for one family over `shapes`, on our kernels or our torch path."""
-    import fastoptim.ops as ops
-    from fastoptim.optim import functional
-
-    def core(name):
-        return functional.select(name, p, fused)
+    """(step function, bytes read and written) for one family over `shapes`, on our kernels (fused=True) or our
+    torch path (fused=False): the functional entries the optimizers call."""
+    from fastoptim.optim.functional.adam import adam_, mars_, mars_clip_scale
+    from fastoptim.optim.functional.adam_mini import adam_mini_
+    from fastoptim.optim.functional.common import clip_scale
+    from fastoptim.optim.functional.lion import lion_
+    from fastoptim.optim.functional.momentum import momentum_, signum_
+    from fastoptim.optim.functional.sophia import sophia_
 
     p, g, m, v = lists(shapes, device, 4)
-    steps = [torch.zeros(()) for _ in p]
-    if family == "adamw" or family == "nadamw" or family == "cautious":
+    steps = [torch.zeros((), device=device) for _ in p]
+    if family in ("adamw", "nadamw", "cautious"):
         flags = dict(nesterov=family == "nadamw", cautious=family == "cautious")
-        return (lambda: core("adam")(p, g, m, v, steps, **HP, **flags)), tensor_bytes(p, g, m, v, p, m, v)
+        return (lambda: adam_(p, g, m, v, steps, **HP, **flags, fused=fused)), tensor_bytes(p, g, m, v, p, m, v)
     if family == "mars":
         prev = make_tensors(shapes, device, offset=10)
-        if fused:
-            def step():
-                scale = ops.mars_clip_scale(g, prev, gamma=0.025, beta1=0.95, max_norm=1.0)
-                ops.mars_adamw_(p, g, prev, m, v, lr=1e-3, step=1, beta1=0.95, beta2=0.99, eps=1e-8, gamma=0.025,
-                                weight_decay=0.1, grad_scale=scale)
-        else:
-            def step():
-                corrected = functional.PURE["mars_correction"](g, prev, gamma=0.025, beta1=0.95)
-                scale = functional.PURE["clip_scale"](corrected, 1.0)
-                functional.PURE["adam"](p, corrected, m, v, steps, **HP, grad_scale=scale)
+
+        def step():
+            scale = mars_clip_scale(g, prev, gamma=0.025, beta1=HP["beta1"], max_norm=1.0, fused=fused)
+            mars_(p, g, prev, m, v, steps, **HP, gamma=0.025, grad_scale=scale, fused=fused)
         return step, tensor_bytes(p, g, prev, m, v, p, prev, m, v)
     if family == "adam_mini":
         blocks = [torch.rand(t.shape[0], device=device) for t in v]
-        return (lambda: core("adam_mini")(p, g, m, blocks, steps, **HP)), tensor_bytes(p, g, m, blocks, p, m, blocks)
+        return (lambda: adam_mini_(p, g, m, blocks, steps, **HP, fused=fused)), tensor_bytes(
+            p, g, m, blocks, p, m, blocks)
     if family == "lion":
-        return (lambda: core("lion")(p, g, m, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)), tensor_bytes(
+        return (lambda: lion_(p, g, m, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, fused=fused)), tensor_bytes(
             p, g, m, p, m)
     if family == "signum":
-        return (lambda: core("signum")(p, g, m, lr=1e-3, beta=0.95, weight_decay=0.1)), tensor_bytes(p, g, m, p, m)
+        return (lambda: signum_(p, g, m, lr=1e-3, beta=0.95, weight_decay=0.1, fused=fused)), tensor_bytes(
+            p, g, m, p, m)
     if family == "momentum":
-        return (lambda: core("momentum")(g, m, beta=0.95, nesterov=True)), tensor_bytes(g, m, m, p)
+        return (lambda: momentum_(g, m, beta=0.95, nesterov=True, fused=fused)), tensor_bytes(g, m, m, p)
     if family == "sophia":
-        return (lambda: core("sophia")(p, g, m, v, steps, lr=1e-3, beta1=0.96, gamma=0.01, eps=1e-12,
-                                       clip_threshold=1.0, weight_decay=0.1)), tensor_bytes(p, g, m, v, p, m)
+        return (lambda: sophia_(p, g, m, v, steps, lr=1e-3, beta1=0.96, gamma=0.01, eps=1e-12, clip_threshold=1.0,
+                                weight_decay=0.1, fused=fused)), tensor_bytes(p, g, m, v, p, m)
     if family == "clip":
-        return (lambda: core("clip_scale")(g, 1.0)), tensor_bytes(g)
+        return (lambda: clip_scale(g, 1.0, fused=fused)), tensor_bytes(g)
     raise ValueError(family)
 
 

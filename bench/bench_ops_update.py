@@ -4,19 +4,17 @@ optimizer step, memory-bound (reads p and u, writes p)."""
 import pytest
 import torch
 
-from bench.backends import require_op
-from bench.tensors import make_tensors
-from bench.work import tensor_bytes
+from fastoptim.bench.backends import require_op
+from fastoptim.bench.tensors import make_tensors
+from fastoptim.bench.work import tensor_bytes
 
 LR, WEIGHT_DECAY = 1e-3, 0.1
 
 
 def _fastoptim(params, updates):
-    require_op("decoupled_update_")
-    from fastoptim.ops import decoupled_update_
-
+    op = require_op("decoupled_update_")
     lr = torch.tensor(LR, device=params[0].device)
-    return lambda: decoupled_update_(params, updates, lr, WEIGHT_DECAY)
+    return lambda: op(params, updates, lr, WEIGHT_DECAY, 1.0)
 
 
 def _torch_foreach(params, updates):

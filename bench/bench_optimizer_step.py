@@ -12,9 +12,9 @@ only initialises its preconditioner).
 import pytest
 import torch
 
-from bench.backends import OURS, require_attr, require_optimizer, require_peer
-from bench.tensors import param_model
-from bench.work import kron_step_flops, newton_schulz_flops, soap_step_flops
+from fastoptim.bench.backends import OURS, require_attr, require_optimizer, require_peer
+from fastoptim.bench.tensors import param_model
+from fastoptim.bench.work import kron_step_flops, newton_schulz_flops, soap_step_flops
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-3, 0.1, 1.0
 MUON_NS_STEPS, SCION_NS_STEPS = 5, 10

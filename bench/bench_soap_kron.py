@@ -17,9 +17,9 @@ import math
 import pytest
 import torch
 
-from bench.backends import require_op, require_optimizer, require_peer
-from bench.tensors import param_model
-from bench.work import matmul_flops
+from fastoptim.bench.backends import require_op, require_optimizer, require_peer
+from fastoptim.bench.tensors import param_model
+from fastoptim.bench.work import matmul_flops
 
 # The best configs of benchmark-spec §1.9/§1.10 (block sizes 512 for Soap, 256 for Kron); a CPU runs the small
 # sets with smaller blocks so that a step (and Soap's initialising eigh) takes seconds.
@@ -177,38 +177,40 @@ def block_batches(optimizer, model_set, device):
     return out, state_bytes(opt)
 
 
-def soap_core(native):
-    from fastoptim.optim import functional
+def symmetric_tileable(m):
+    """Whether an m × m symmetric result can be cut into upper-triangular tiles (csrc/common/symmetric_tiles.h)."""
+    return any(m % tile == 0 and m // tile >= 2 for tile in (512, 256, 128, 64, 32))
 
-    family = functional.select("soap_step", [torch.empty(0)], None if native else False)
-    if native and family is functional.PURE["soap_step"]:
-        pytest.skip("the native soap_step core is not registered (fastoptim._C not built?)")
+
+def soap_core(native):
+    from fastoptim.optim.functional.soap import soap_step_
+
+    if native:
+        require_op("soap_rotated_adam_")
 
     def run(batches):
         for block, _, grads, state in batches:
             ggs = [state.get(f"GG{a}") for a in range(len(block))]
             qs = [state.get(f"Q{a}") for a in range(len(block))]
-            family(grads, state["exp_avg"], state["exp_avg_sq"], ggs, qs, step=5, beta1=0.95, beta2=0.99,
-                   shampoo_beta=0.95, eps=1e-10, refresh=False)
+            soap_step_(grads, state["exp_avg"], state["exp_avg_sq"], ggs, qs, step=5, beta1=0.95, beta2=0.99,
+                       shampoo_beta=0.95, eps=1e-10, refresh=False, fused=native)
 
     return run
 
 
 def kron_core(native):
-    from fastoptim.optim import functional
+    from fastoptim.optim.functional.kron import kron_precondition, kron_update_preconditioner_
 
-    update = functional.select("kron_update_preconditioner", [torch.empty(0)], None if native else False)
-    precondition = functional.select("kron_precondition", [torch.empty(0)], None if native else False)
-    if native and precondition is functional.PURE["kron_precondition"]:
-        pytest.skip("the native Kron cores are not registered (fastoptim._C not built?)")
+    if native:
+        require_op("kron_precondition")
 
     def run(batches):
         for block, diagonal, grads, state in batches:
             qs = [state[f"Q{a}"] for a in range(len(block))]
             noise = torch.randn_like(grads)
             damping = torch.full((grads.shape[0],), 1e-6, device=grads.device)
-            update(grads, qs, diagonal, noise, damping, precond_lr=0.2)
-            precondition(grads, qs, diagonal)
+            kron_update_preconditioner_(grads, qs, diagonal, noise, damping, precond_lr=0.2, fused=native)
+            kron_precondition(grads, qs, diagonal, fused=native)
 
     return run
 
@@ -246,10 +248,7 @@ def test_soap_gram_method(measure, benchmark, model_set, bench_device, method):
     """Soap's statistics update alone over the model's block batches, by full products or on upper-triangular tiles
     (sides that cannot be tiled run plain under both), so that the threshold of method="auto" (csrc/cpu/soap.cpp,
     csrc/cuda/soap.cu) can be set from it. Work is the full-product count."""
-    from fastoptim.ops._checks import symmetric_tileable
-
-    require_op("soap_gram_")
-    import fastoptim.ops as ops
+    soap_gram_ = require_op("soap_gram_")
 
     batches, _ = block_batches("soap", model_set, bench_device)
     calls, work = [], 0
@@ -265,7 +264,7 @@ def test_soap_gram_method(measure, benchmark, model_set, bench_device, method):
 
     def run():
         for (left, right), grads, how in calls:
-            ops.soap_gram_(left, right, grads, 0.95, 0.05, how)
+            soap_gram_(left, right, grads, 0.95, 0.05, how)
 
     measure(run, family=f"soap-gram-{method}", shapes=model_set, backend="fastoptim", bound="matrix", work=work)
     benchmark.extra_info["method"] = method

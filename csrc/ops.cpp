@@ -12,26 +12,29 @@ TORCH_LIBRARY(fastoptim, m) {
   m.def("decoupled_update_(Tensor(a!)[] params, Tensor[] updates, Tensor lr, float weight_decay, float scale) -> ()");
 
   // --- Elementwise optimizer families (fused multi-tensor updates) ---
-  // Each reads g, p and state once and writes p and state once, for the whole list. `step` is the step count t
-  // (1 on the first step) from which the bias corrections are computed; `grad_scale` is the global-norm clip factor
+  // Each reads g, p and state once and writes p and state once, for the whole list. `steps` holds one step counter
+  // per parameter (0-dim float32 on the params' device; t = 1 on a parameter's first step), from which each kernel
+  // computes that parameter's bias corrections in float64 on the device. The ops only read the counters: the caller
+  // (the functional core) advances them before the call, so parameters at different counts share one launch and a
+  // step reads nothing on the host; `grad_scale` is the global-norm clip factor
   // (from clip_scale) that multiplies the gradient as it is read; every update is w ← w − lr·(u + λ·w). Params are
   // float32, bfloat16 or float16, grads have the params' dtype, state is float32 or the params' dtype.
 
   // AdamW (NAdamW's numerator with nesterov): u = m̂/(√v̂ + ε).
   m.def("adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor lr, "
-        "Tensor step, float beta1, float beta2, float eps, float weight_decay, bool nesterov, Tensor? grad_scale) -> ()");
+        "Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, bool nesterov, Tensor? grad_scale) -> ()");
   // Cautious AdamW (of NAdamW's direction with nesterov): u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε), the mean per
   // tensor (two launches for the list).
   m.def("cautious_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor lr, Tensor step, float beta1, float beta2, float eps, float weight_decay, bool nesterov, "
+        "Tensor lr, Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, bool nesterov, "
         "Tensor? grad_scale) -> ()");
   // Mars: AdamW on c = grad_scale·(g + γ·β1/(1−β1)·(g − g_prev)); then g_prev ← g.
   m.def("mars_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] prev_grads, Tensor(c!)[] exp_avgs, "
-        "Tensor(d!)[] exp_avg_sqs, Tensor lr, Tensor step, float beta1, float beta2, float eps, float weight_decay, "
+        "Tensor(d!)[] exp_avg_sqs, Tensor lr, Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, "
         "float gamma, Tensor? grad_scale) -> ()");
   // Adam-mini: exp_avg_sqs[i] has one value per equal contiguous block of params[i].
   m.def("adam_mini_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor lr, "
-        "Tensor step, float beta1, float beta2, float eps, float weight_decay, Tensor? grad_scale) -> ()");
+        "Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, Tensor? grad_scale) -> ()");
   // Lion: u = sign(β1·m + (1−β1)·g); m ← β2·m + (1−β2)·g.
   m.def("lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor lr, float beta1, float beta2, "
         "float weight_decay, Tensor? grad_scale) -> ()");
@@ -44,7 +47,7 @@ TORCH_LIBRARY(fastoptim, m) {
         "bool ema, Tensor? grad_scale) -> ()");
   // Sophia-H: u = clip(m̂ / max(γ·h, ε), −clip_threshold, clip_threshold).
   m.def("sophia_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, Tensor lr, "
-        "Tensor step, float beta1, float gamma, float eps, float clip_threshold, float weight_decay, "
+        "Tensor[] steps, float beta1, float gamma, float eps, float clip_threshold, float weight_decay, "
         "Tensor? grad_scale) -> ()");
   // Sophia's Hessian EMA h ← β2·h + (1−β2)·ĥ.
   m.def("sophia_hessian_(Tensor(a!)[] hessians, Tensor[] estimates, float beta2) -> ()");

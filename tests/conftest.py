@@ -1,19 +1,38 @@
 """Shared test setup: the `cuda` marker skips cleanly where no GPU or no CUDA kernels exist, `device` parametrises
-a test over CPU and (marked) CUDA, and `rng` gives each test fresh random inputs that a printed seed reproduces."""
+a test over CPU and (marked) CUDA, and `rng` gives each test fresh random inputs that a printed seed reproduces.
+
+Seeds: every run draws a fresh FASTOPTIM_TEST_SEED (printed in the header; set it to replay a run). With
+FASTOPTIM_TEST_SEEDS=N every test that takes `rng` runs N times, on the N consecutive seeds from the base seed, each
+shown in its id as `seed<S>`: `FASTOPTIM_TEST_SEED=S` alone then replays that one case. The sweep that every
+randomised test must pass: `FASTOPTIM_TEST_SEED=1 FASTOPTIM_TEST_SEEDS=50 pytest tests`.
+"""
 
 import os
 import random
+import re
 import zlib
 
 import pytest
 import torch
 
-# Fresh inputs every run; FASTOPTIM_TEST_SEED=<printed seed> replays a failing run exactly.
 BASE_SEED = int(os.environ.get("FASTOPTIM_TEST_SEED", random.randrange(2**31)))
+SEEDS = [BASE_SEED + k for k in range(int(os.environ.get("FASTOPTIM_TEST_SEEDS", "1")))]
 
 
 def pytest_report_header(config):
-    return f"fastoptim random inputs: FASTOPTIM_TEST_SEED={BASE_SEED}"
+    sweep = f" (and the next {len(SEEDS) - 1}: FASTOPTIM_TEST_SEEDS={len(SEEDS)})" if len(SEEDS) > 1 else ""
+    return f"fastoptim random inputs: FASTOPTIM_TEST_SEED={BASE_SEED}{sweep}"
+
+
+def pytest_generate_tests(metafunc):
+    if len(SEEDS) > 1 and "test_seed" in metafunc.fixturenames:
+        metafunc.parametrize("test_seed", SEEDS, ids=[f"seed{s}" for s in SEEDS], indirect=True)
+
+
+@pytest.fixture
+def test_seed(request):
+    """The base seed of this test's inputs: the run's, or in a sweep the one in the test's id."""
+    return getattr(request, "param", BASE_SEED)
 
 
 def cuda_ready() -> bool:
@@ -43,9 +62,11 @@ def device(request):
 
 
 @pytest.fixture
-def rng(request):
-    """A CPU generator seeded from the run's seed and the test's id; also seeds torch's global generator."""
-    seed = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31)
+def rng(request, test_seed):
+    """A CPU generator seeded from the test's base seed and its id (without the sweep's seed); also seeds torch's
+    global generator."""
+    test_id = re.sub(r"(?<=[\[-])seed\d+-|-seed\d+(?=\])|\[seed\d+\]", "", request.node.nodeid)
+    seed = (test_seed + zlib.crc32(test_id.encode())) % (2**31)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 

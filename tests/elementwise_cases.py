@@ -3,6 +3,8 @@ torch.compile, bad input). Each case is the argument tuple of torch.ops.fastopti
 
 import torch
 
+import fastoptim.ops  # noqa: F401  (loads the native library: torch.ops.fastoptim)
+
 # One 2-D and one 1-D tensor: enough to exercise list handling without slowing opcheck down.
 SHAPES = [(5, 4), (17,)]
 
@@ -19,11 +21,17 @@ def scalar(value, device):
     return torch.tensor(float(value), device=device)
 
 
+def step_counters(counts, device):
+    """One 0-dim float32 step counter per parameter, as the bias-correcting ops take them."""
+    return [scalar(t, device) for t in counts]
+
+
 def build(op, device, gen, shapes=SHAPES, dtype=torch.float32, state_dtype=torch.float32):
     """Arguments of a valid call of `op`; list arguments come first, in the op's order."""
     p, g = randn(shapes, dtype, device, gen), randn(shapes, dtype, device, gen)
     m, v = randn(shapes, state_dtype, device, gen), rand(shapes, state_dtype, device, gen)
-    lr, step, gs = scalar(0.01, device), scalar(3, device), scalar(0.5, device)
+    lr, gs = scalar(0.01, device), scalar(0.5, device)
+    step = step_counters(range(3, 3 + len(shapes)), device)  # parameters at different counts
     if op == "adamw_":
         return (p, g, m, v, lr, step, 0.9, 0.99, 1e-8, 0.1, True, gs)
     if op == "cautious_adamw_":

@@ -107,11 +107,15 @@ class Reference:
         return self.name != "mini" or group["n_blocks"][index] is None
 
     def step(self, grads_per_group, lrs=None):
-        grads_per_group = [[g.detach().double().clone() for g in grads] for grads in grads_per_group]
+        """One step; a None gradient is a parameter without a gradient this step: skipped, its state untouched."""
+        grads_per_group = [[None if g is None else g.detach().double().clone() for g in grads]
+                           for grads in grads_per_group]
         if self.name == "mars":  # corrected gradient, then it is what gets clipped
             for group, states, grads in zip(self.groups, self.state, grads_per_group):
                 beta1 = group["betas"][0]
                 for i, (st, g) in enumerate(zip(states, grads)):
+                    if g is None:
+                        continue
                     prev = st.get("prev", torch.zeros_like(g))
                     st["prev"] = g.clone()
                     grads[i] = g + group["gamma"] * beta1 / (1 - beta1) * (g - prev)
@@ -122,12 +126,14 @@ class Reference:
                 for group, grads in zip(self.groups, grads_per_group)
                 if group.get("max_grad_norm", 0) == limit
                 for i, g in enumerate(grads)
-                if self.clipped(group, i)
+                if g is not None and self.clipped(group, i)
             ]
             factors[limit] = clip_factor(members, limit)
         for k, (group, states, grads) in enumerate(zip(self.groups, self.state, grads_per_group)):
             lr = group["lr"] if lrs is None else lrs[k]
             for i, (p, st, g) in enumerate(zip(group["params"], states, grads)):
+                if g is None:
+                    continue
                 if self.clipped(group, i):
                     g = g * factors[group.get("max_grad_norm", 0)]
                 u = self.direction(group, st, g, i)

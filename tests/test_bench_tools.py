@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives in the checkout, beside fastoptim/
 
-from bench import compare  # noqa: E402
-from bench.shapes import SHAPE_SETS, SPEC_MODELS, shape_sets  # noqa: E402
-from bench.work import newton_schulz_flops, tensor_bytes  # noqa: E402
-from fastoptim import benchcli  # noqa: E402
+from fastoptim.bench import compare  # noqa: E402
+from fastoptim.bench.shapes import SHAPE_SETS, SPEC_MODELS, shape_sets  # noqa: E402
+from fastoptim.bench.work import newton_schulz_flops, tensor_bytes  # noqa: E402
+from fastoptim.bench import cli as benchcli  # noqa: E402
 
 DEVICE = "cpu-test-model-2cores"
 
@@ -165,7 +165,7 @@ def test_cpu_never_gets_gpu_sized_sets():
 
 
 def test_param_model_names_route_as_the_shape_kinds():
-    from bench.tensors import param_model
+    from fastoptim.bench.tensors import param_model
     from fastoptim.optim.routing import named_kinds
 
     shapes = SHAPE_SETS["cpu-tiny"]
@@ -207,6 +207,6 @@ def test_table_shows_our_speedup_over_each_peer():
 
 
 def test_device_slug_names_the_cpu_and_its_cores():
-    from bench.timing import device_slug
+    from fastoptim.bench.timing import device_slug
 
     assert re.fullmatch(r"cpu-[a-z0-9-]+-\d+cores", device_slug(torch.device("cpu")))

@@ -1,5 +1,6 @@
 """Presets: the paper grid as spec §2/§4 define it, the scaled-down presets keep its structure, bad presets fail."""
 
+import dataclasses
 import math
 
 import pytest
@@ -106,3 +107,34 @@ def test_bad_presets_fail_clearly():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
     assert math.isclose(get_preset("smoke").delta1, 3e-3)
+
+
+def test_cpu_preset_is_the_papers_structure_at_cpu_scale():
+    from fastoptim.models import get_model_config, non_embedding_params
+
+    cpu = get_preset("cpu")
+    assert non_embedding_params(get_model_config("tiny")) == PARAMS["tiny"]
+    assert {"adamw", "nadamw", "lion", "muon", "soap"} <= set(cpu.optimizers)
+    assert sorted({r.ratio for r in cpu.phase1 if r.model == "tiny"}) == [1, 2, 4, 8]  # the loss law keeps 1 dof
+    assert all("lr" in s.grid and len(s.grid["lr"]) >= 3 for s in cpu.optimizers.values())
+    assert cpu.extra_seeds == 2 and not cpu.pipeline_check
+    model = get_model_config("tiny")
+    embeddings = 2 * cpu.vocab_size * model.dim  # untied input embedding and output head
+    assert embeddings <= PARAMS["tiny"]  # the non-embedding parameters are not dwarfed
+    bench = Benchmark(cpu, PARAMS.__getitem__)
+    assert bench.steps(Regime("tiny", 1.0), cpu.optimizers["adamw"].baseline) == 64
+
+
+def test_extra_seeds_rerun_each_optimum_without_moving_the_search():
+    cpu = get_preset("cpu")
+    single = dry_run(dataclasses.replace(cpu, extra_seeds=0), PARAMS.__getitem__)
+    seeded = dry_run(cpu, PARAMS.__getitem__)
+    assert {k: s.best() for k, s in seeded.searches.items()} == {k: s.best() for k, s in single.searches.items()}
+    optima = seeded.settled_optima()
+    assert len(optima) == len(cpu.optimizers) * len(cpu.phase1)
+    for optimum in optima:
+        repeats = seeded.seed_specs(optimum)
+        assert [spec.seed for spec in repeats] == [1, 2]
+        assert all(spec.hparams == optimum.hparams and spec.run_id in seeded.outcomes for spec in repeats)
+        assert len(seeded.seed_losses(optimum)) == 3
+    assert len(seeded.outcomes) == len(single.outcomes) + 2 * len(optima)

@@ -1,6 +1,7 @@
 """The grid on the real trainer: every preset's configs pass the trainer's checks, and the `smoke` preset runs end to
 end on CPU (`pytest -m slow tests/test_grid_smoke.py`; a few minutes on 2 cores)."""
 
+import json
 import math
 import re
 
@@ -15,7 +16,7 @@ from fastoptim.grid.store import ResultsStore  # noqa: E402
 from fastoptim.train.loop import plan_run  # noqa: E402
 
 
-@pytest.mark.parametrize("name", [pytest.param("paper", marks=pytest.mark.slow), "tiny", "smoke"])
+@pytest.mark.parametrize("name", [pytest.param("paper", marks=pytest.mark.slow), "tiny", "smoke", "cpu"])
 def test_every_preset_config_passes_the_trainers_checks(name, tmp_path):
     """Names, hyperparameter keys and values (built into each optimizer on a parameter-free model), steps, schedule:
     each optimizer's baseline, and its grid's smallest and largest values all at once."""
@@ -28,7 +29,7 @@ def test_every_preset_config_passes_the_trainers_checks(name, tmp_path):
             if not bench._feasible(regime)(hparams):  # the searches skip these (warmup longer than the run)
                 hparams = {**hparams, "warmup": 0}
             spec = bench.spec(optimizer, regime, hparams)
-            plan = plan_run(runner.train_config(spec, str(tmp_path / spec.run_id), device="cpu"))
+            plan = plan_run(runner.train_config(spec, str(tmp_path / spec.run_id), runner.RunSettings(device="cpu")))
             assert plan.steps == spec.steps
 
 
@@ -44,8 +45,17 @@ def test_smoke_preset_end_to_end_on_cpu(tmp_path, capsys):
     out = tmp_path / "grid"
     assert cli.main(["--preset", "smoke", "--out", str(out), "--device", "cpu"]) == 0
     report = (out / "report.md").read_text()
-    for plot in ("loss_vs_budget.png", "speedup_heatmap.png", "loss_curves.png"):
-        assert (out / plot).stat().st_size > 5000
+    summary = json.loads((out / "summary.json").read_text())
+    assert report.split("\n\n")[1].startswith("> **A pipeline check, not a result.**")
+    assert summary["plots"] == ["loss_vs_budget.png", "effective_budget.png", "speedup_heatmap.png",
+                                "loss_vs_tokens.png", "sensitivity_lr.png"]
+    for plot in summary["plots"]:
+        assert (out / plot).stat().st_size > 5000 and f"]({plot})" in report
+    facts = summary["provenance"]
+    assert facts["torch_version"] and facts["device_kind"] == "cpu" and facts["tokenizer_sha256"]
+    assert len(facts["eval_sha256"]) == 64 and facts["eval_tokens"] == get_preset("smoke").eval_tokens
+    assert summary["seed_noise"] is not None and summary["failures"] == []
+    assert all(s["median_share"] > 0 for s in summary["costs"]["optimizer_step_share"])
 
     preset = get_preset("smoke")
     with ResultsStore(out / "grid.sqlite") as store:
@@ -57,7 +67,7 @@ def test_smoke_preset_end_to_end_on_cpu(tmp_path, capsys):
     assert set(losses) == set(preset.optimizers)
     regimes = len(preset.phase1) + len(preset.phase2)
     for optimizer, cells in losses.items():
-        values = [float(cell) for cell in cells if cell]
+        values = [float(cell.split()[0]) for cell in cells if cell]  # the best run (its seeds follow)
         assert len(values) == regimes, optimizer
         # Training happened: below the loss of a uniform guess over the vocabulary, ln(8192) ≈ 9.01.
         assert all(math.isfinite(v) and v < math.log(8192) for v in values), (optimizer, values)

@@ -61,5 +61,5 @@ def test_csv_a_user_brings(tmp_path):
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['ratio'\]"):
         read_loss_csv(bad)
     bad.write_text("optimizer,size,ratio,loss\nadamw,130m,one,3.5\n")
-    with pytest.raises(ValueError, match=":2: ratio and loss must be numbers"):
+    with pytest.raises(ValueError, match=":2: ratio, loss and seed_losses must be numbers"):
         read_loss_csv(bad)

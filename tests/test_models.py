@@ -4,7 +4,10 @@ import math
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from fastoptim.models import MODEL_CONFIGS, Llama, get_model_config, non_embedding_params
+from fastoptim.models.cross_entropy import linear_cross_entropy
 
 # benchmark-spec §2, Table 2: (hidden, intermediate, layers, heads, non-embedding N).
 PAPER_TABLE = {
@@ -123,12 +126,14 @@ def test_forward_matches_float64_reference_and_loss_is_cross_entropy():
                 p.uniform_(0.5, 1.5)
     tokens = torch.randint(0, cfg.vocab_size, (3, 17))
     targets = torch.randint(0, cfg.vocab_size, (3, 17))
-    logits, loss = model(tokens, targets)
+    logits = model(tokens)
     ref = reference_forward(model, tokens)
     torch.testing.assert_close(logits.double(), ref, rtol=1e-4, atol=1e-4)
     logp = torch.log_softmax(ref, dim=-1)
     ref_loss = -logp.gather(-1, targets[..., None]).mean()
-    assert abs(loss.item() - ref_loss.item()) < 1e-4
+    for double_backward in (False, True):  # the chunked loss and the plain one
+        loss = model(tokens, targets, double_backward=double_backward)
+        assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss.item()) < 1e-4
 
 
 def test_attention_is_causal():
@@ -137,7 +142,54 @@ def test_attention_is_causal():
     tokens = torch.randint(0, 64, (2, 12))
     changed = tokens.clone()
     changed[:, 7:] = torch.randint(0, 64, (2, 5))
-    a, _ = model(tokens)
-    b, _ = model(changed)
+    a = model(tokens)
+    b = model(changed)
     torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=0)
     assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, None])
+def test_linear_cross_entropy_matches_cross_entropy_in_float64(rng, chunk_rows):
+    """Values and both gradients against F.cross_entropy on the full logits, float64, random sizes and inputs;
+    chunks of 1 row, of 7 (not dividing the rows) and the default (one chunk here)."""
+    rows, dim, vocab = (int(torch.randint(lo, hi, (), generator=rng)) for lo, hi in ((20, 60), (3, 17), (5, 90)))
+    hidden = torch.randn(rows, dim, dtype=torch.float64, generator=rng, requires_grad=True)
+    weight = (2 * torch.randn(vocab, dim, dtype=torch.float64, generator=rng)).requires_grad_()
+    targets = torch.randint(vocab, (rows,), generator=rng)
+    upstream = torch.rand((), dtype=torch.float64, generator=rng) + 0.5  # a loss scale, as 1/grad_accum is
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    grads = torch.autograd.grad(loss * upstream, (hidden, weight))
+    reference = F.cross_entropy(hidden @ weight.T, targets)
+    expected = torch.autograd.grad(reference * upstream, (hidden, weight), retain_graph=True)
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_rows), reference)
+    # Only the weight wants a gradient (a frozen trunk): the same weight gradient.
+    only_weight = torch.autograd.grad(linear_cross_entropy(hidden.detach(), weight, targets, chunk_rows), weight)[0]
+    torch.testing.assert_close(only_weight, torch.autograd.grad(reference, weight)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_never_holds_the_full_logits(monkeypatch):
+    """Every matmul it makes is one chunk of rows high: the (N, V) logits never exist, in forward or backward."""
+    rows, dim, vocab, chunk = 64, 8, 1000, 16
+    heights = []
+    real = torch.Tensor.__matmul__
+
+    def matmul(a, b):
+        out = real(a, b)
+        heights.append(out.shape)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+    hidden = torch.randn(rows, dim, requires_grad=True)
+    weight = torch.randn(vocab, dim, requires_grad=True)
+    linear_cross_entropy(hidden, weight, torch.randint(vocab, (rows,)), chunk_rows=chunk).backward()
+    assert heights and all(shape[0] * shape[1] <= chunk * vocab for shape in heights)
+    assert (rows, vocab) not in heights
+
+
+def test_linear_cross_entropy_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"hidden \(4, 3\), weight \(5, 2\)"):
+        linear_cross_entropy(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(4, dtype=torch.long))

@@ -7,7 +7,11 @@ import math
 import pytest
 import torch
 
-import fastoptim.ops as ops
+import fastoptim.ops  # noqa: F401  (loads the native library)
+
+from elementwise_cases import scalar, step_counters
+
+fastoptim_ops = torch.ops.fastoptim
 
 # Odd sizes, an empty tensor, and one spanning several 65536-element chunks.
 SHAPES = [(1,), (7, 3), (0,), (33, 65), (3 * 65536 + 5,)]
@@ -67,20 +71,17 @@ def check(params, state_lists, expected):
 def test_matches_float64_reference(device, rng, param_dtype, state_dtype, variant):
     params, grads, state = make_state(SHAPES, param_dtype, state_dtype, device, rng)
     m, v = state["exp_avgs"], state["exp_avg_sqs"]
-    t = int(torch.randint(1, 50, (), generator=rng))
+    counts = torch.randint(1, 50, (len(SHAPES),), generator=rng).tolist()  # each parameter at its own step count
     hp = dict(lr=0.01 + 0.05 * torch.rand((), generator=rng).item(), beta1=0.9, beta2=0.98, eps=1e-8, wd=0.1)
     grad_scale = 0.25 + torch.rand((), generator=rng).item()
     expected = [
         adam_reference(p, g.double() * float(torch.tensor(grad_scale, dtype=torch.float32)), mi, vi, t=t,
                        nesterov=variant == "nadamw", cautious=variant == "cautious", **hp)
-        for p, g, mi, vi in zip(params, grads, m, v)
+        for p, g, mi, vi, t in zip(params, grads, m, v, counts)
     ]
-    kwargs = dict(lr=hp["lr"], step=t, beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"], weight_decay=hp["wd"],
-                  grad_scale=grad_scale)
-    if variant == "cautious":
-        ops.cautious_adamw_(params, grads, m, v, **kwargs)
-    else:
-        ops.adamw_(params, grads, m, v, nesterov=variant == "nadamw", **kwargs)
+    op = fastoptim_ops.cautious_adamw_ if variant == "cautious" else fastoptim_ops.adamw_
+    op(params, grads, m, v, scalar(hp["lr"], device), step_counters(counts, device), hp["beta1"], hp["beta2"],
+       hp["eps"], hp["wd"], variant == "nadamw", scalar(grad_scale, device))
     check(params, [m, v], expected)
 
 
@@ -102,10 +103,11 @@ def test_mars_matches_float64_reference(device, rng, param_dtype, state_dtype):
     scale = min(1.0, max_norm / norm)
     expected = [mars_reference(p, g, q, mi, vi, gamma=gamma, scale=scale, **hp)
                 for p, g, q, mi, vi in zip(params, grads, prev, m, v)]
-    factor = ops.mars_clip_scale(grads, prev, gamma=gamma, beta1=hp["beta1"], max_norm=max_norm)
+    factor = fastoptim_ops.mars_clip_scale(grads, prev, gamma, hp["beta1"], max_norm)
     torch.testing.assert_close(factor.double().cpu(), torch.tensor(scale, dtype=torch.float64), rtol=1e-5, atol=0)
-    ops.mars_adamw_(params, grads, prev, m, v, lr=hp["lr"], step=hp["t"], beta1=hp["beta1"], beta2=hp["beta2"],
-                    eps=hp["eps"], gamma=gamma, weight_decay=hp["wd"], grad_scale=factor)
+    fastoptim_ops.mars_adamw_(params, grads, prev, m, v, scalar(hp["lr"], device),
+                              step_counters([hp["t"]] * len(params), device),
+                              hp["beta1"], hp["beta2"], hp["eps"], hp["wd"], gamma, factor)
     expected_in_op_order = [(p, q, mi, vi) for p, mi, vi, q in expected]
     check(params, [prev, m, v], expected_in_op_order)
 
@@ -117,7 +119,9 @@ def test_cautious_mask_mean_is_per_tensor(device):
     grads = [torch.tensor([2.0, 0.0, 0.0, 0.0], device=device), torch.tensor([1.0, -1.0, 3.0], device=device)]
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
-    ops.cautious_adamw_(params, grads, m, v, lr=1.0, step=1, beta1=0.9, beta2=0.99, eps=1e-12)
+    fastoptim_ops.cautious_adamw_(params, grads, m, v, scalar(1.0, device), step_counters([1, 1], device), 0.9, 0.99,
+                                  1e-12, 0.0,
+                                  False, None)
     torch.testing.assert_close(params[0].cpu(), torch.tensor([-4.0, 0.0, 0.0, 0.0]))
     torch.testing.assert_close(params[1].cpu(), torch.tensor([-1.0, 1.0, -1.0]))
 
@@ -129,7 +133,9 @@ def test_many_tensors_span_several_launches(device, rng):
     m, v = state["exp_avgs"], state["exp_avg_sqs"]
     hp = dict(lr=0.05, t=2, beta1=0.9, beta2=0.95, eps=1e-8, wd=0.2)
     expected = [adam_reference(*a, cautious=True, **hp) for a in zip(params, grads, m, v)]
-    ops.cautious_adamw_(params, grads, m, v, lr=0.05, step=2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.2)
+    fastoptim_ops.cautious_adamw_(params, grads, m, v, scalar(0.05, device),
+                                  step_counters([2] * len(params), device), 0.9, 0.95, 1e-8, 0.2,
+                                  False, None)
     check(params, [m, v], expected)
 
 
@@ -141,8 +147,8 @@ def test_several_steps_track_the_reference(device, rng):
     for t in range(1, 6):
         grad = torch.randn(params[0].shape, generator=rng).to(device)
         lr.fill_(0.01 * t)
-        ops.adamw_(params, [grad], m, v, lr=lr, step=torch.tensor(float(t), device=device), beta1=0.9, beta2=0.98,
-                   eps=1e-20, weight_decay=0.1)
+        fastoptim_ops.adamw_(params, [grad], m, v, lr, step_counters([t], device), 0.9, 0.98, 1e-20, 0.1, False,
+                             None)
         ref = adam_reference(*ref[:1], grad, *ref[1:], lr=0.01 * t, t=t, beta1=0.9, beta2=0.98, eps=1e-20, wd=0.1)
     for got, want in zip((params[0], m[0], v[0]), ref):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,11 @@ head), longer than a launcher chunk, many per chunk, and empty parameters."""
 import pytest
 import torch
 
-import fastoptim.ops as ops
+import fastoptim.ops  # noqa: F401  (loads the native library)
+
+from elementwise_cases import scalar, step_counters
+
+adam_mini_ = torch.ops.fastoptim.adam_mini_
 
 # (parameter shape, blocks): rows; heads of 3 rows; 2 blocks each longer than one 65536-element chunk; 1000 short
 # blocks (several chunks of whole blocks); a single block; an empty parameter.
@@ -34,11 +38,13 @@ def test_matches_float64_reference(device, rng, param_dtype, state_dtype):
     grads = [randn(shape, param_dtype) for shape, _ in CASES]
     m = [randn(shape, state_dtype) for shape, _ in CASES]
     v = [torch.rand(blocks, generator=rng).to(device, state_dtype) for _, blocks in CASES]
-    hp = dict(lr=0.03, t=int(torch.randint(1, 20, (), generator=rng)), beta1=0.9, beta2=0.98, eps=1e-10, wd=0.1)
+    counts = torch.randint(1, 20, (len(CASES),), generator=rng).tolist()  # each parameter at its own step count
+    hp = dict(lr=0.03, beta1=0.9, beta2=0.98, eps=1e-10, wd=0.1)
     scale = 0.75
-    expected = [reference(p, g.double() * scale, mi, vi, **hp) for p, g, mi, vi in zip(params, grads, m, v)]
-    ops.adam_mini_(params, grads, m, v, lr=hp["lr"], step=hp["t"], beta1=hp["beta1"], beta2=hp["beta2"],
-                   eps=hp["eps"], weight_decay=hp["wd"], grad_scale=scale)
+    expected = [reference(p, g.double() * scale, mi, vi, t=t, **hp)
+                for p, g, mi, vi, t in zip(params, grads, m, v, counts)]
+    adam_mini_(params, grads, m, v, scalar(hp["lr"], device), step_counters(counts, device), hp["beta1"], hp["beta2"],
+               hp["eps"], hp["wd"], scalar(scale, device))
     for got, want in zip(zip(params, m, v), expected):
         for x, y in zip(got, want):
             tol = TOLERANCE[x.dtype]
@@ -49,8 +55,8 @@ def test_block_count_must_divide_the_parameter(rng):
     params = [torch.randn(6, 5, generator=rng)]
     before = params[0].clone()
     with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] has 4 blocks, which does not divide params\[0\]'s 30"):
-        ops.adam_mini_(params, [torch.randn(6, 5)], [torch.zeros(6, 5)], [torch.zeros(4)], lr=0.1, step=1,
-                       beta1=0.9, beta2=0.99, eps=1e-8)
+        adam_mini_(params, [torch.randn(6, 5)], [torch.zeros(6, 5)], [torch.zeros(4)], scalar(0.1, "cpu"),
+                   step_counters([1], "cpu"), 0.9, 0.99, 1e-8, 0.0, None)
     assert torch.equal(params[0], before)
 
 
@@ -63,7 +69,8 @@ def test_many_tensors_span_several_launches(device, rng):
     v = [torch.zeros(s[0], device=device) for s in shapes]
     hp = dict(lr=0.1, t=1, beta1=0.9, beta2=0.99, eps=1e-8, wd=0.0)
     expected = [reference(*a, **hp) for a in zip(params, grads, m, v)]
-    ops.adam_mini_(params, grads, m, v, lr=0.1, step=1, beta1=0.9, beta2=0.99, eps=1e-8)
+    adam_mini_(params, grads, m, v, scalar(0.1, device), step_counters([1] * len(params), device), 0.9, 0.99,
+               1e-8, 0.0, None)
     for got, want in zip(zip(params, m, v), expected):
         for x, y in zip(got, want):
             torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=2e-5)

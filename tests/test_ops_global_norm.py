@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import fastoptim.ops as ops
+from fastoptim.optim.functional.common import clip_scale
 
 
 def factor64(tensors, max_norm):
@@ -19,7 +19,7 @@ def test_clip_scale_matches_float64_norm(device, rng):
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
     tensors = [torch.randn(s, generator=rng).to(device, dtypes[i % 3]) for i, s in enumerate(shapes)]
     max_norm = 3.0
-    got = ops.clip_scale(tensors, max_norm)
+    got = torch.ops.fastoptim.clip_scale(tensors, max_norm)
     assert got.shape == () and got.dtype == torch.float32 and got.device == tensors[0].device
     assert float(got) < 1  # the norm (hundreds) is far above max_norm, so this is the clipping side of the min
     torch.testing.assert_close(float(got), factor64(tensors, max_norm), rtol=1e-5, atol=0)
@@ -28,12 +28,14 @@ def test_clip_scale_matches_float64_norm(device, rng):
 @pytest.mark.parametrize("scale, expected", [(1e-3, 1.0), (0.0, 1.0)])
 def test_clip_scale_is_one_below_the_threshold_and_for_zero(device, rng, scale, expected):
     tensors = [torch.randn(100, generator=rng).to(device) * scale]
-    assert float(ops.clip_scale(tensors, 1.0)) == expected
+    assert float(torch.ops.fastoptim.clip_scale(tensors, 1.0)) == expected
 
 
 def test_clip_off_gives_none(device):
-    assert ops.clip_scale([torch.ones(3, device=device)], 0.0) is None
-    assert ops.clip_scale([], 1.0) is None
+    for fused in (None, False):
+        assert clip_scale([torch.ones(3, device=device)], 0.0, fused=fused) is None
+        assert clip_scale([torch.ones(3, device=device)], None, fused=fused) is None
+        assert clip_scale([], 1.0, fused=fused) is None
 
 
 def test_bad_max_norm_is_refused():
@@ -48,5 +50,5 @@ def test_mars_clip_scale_matches_float64_norm(device, rng, state_dtype):
     prev = [torch.randn(s, generator=rng).to(device, state_dtype) for s in shapes]
     gamma, beta1, max_norm = 0.05, 0.98, 10.0
     corrected = [g.double() + gamma * beta1 / (1 - beta1) * (g.double() - q.double()) for g, q in zip(grads, prev)]
-    got = ops.mars_clip_scale(grads, prev, gamma=gamma, beta1=beta1, max_norm=max_norm)
+    got = torch.ops.fastoptim.mars_clip_scale(grads, prev, gamma, beta1, max_norm)
     torch.testing.assert_close(float(got), factor64(corrected, max_norm), rtol=1e-5, atol=0)

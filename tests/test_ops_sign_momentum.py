@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import fastoptim.ops as ops
+from elementwise_cases import scalar
 
 SHAPES = [(1,), (7, 3), (0,), (33, 65), (3 * 65536 + 5,)]
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
@@ -42,7 +42,7 @@ def test_lion_matches_float64_reference(device, rng, param_dtype, state_dtype):
         g64, m64 = g.double() * scale, mi.double()
         signed = beta1 * m64 + (1 - beta1) * g64
         expected.append((sign_step(p, torch.sign(signed), lr, wd), beta2 * m64 + (1 - beta2) * g64, signed))
-    ops.lion_(params, grads, m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, grad_scale=scale)
+    torch.ops.fastoptim.lion_(params, grads, m, scalar(lr, device), beta1, beta2, wd, scalar(scale, device))
     for p, mi, (want_p, want_m, signed) in zip(params, m, expected):
         assert_sign_step_close(p, want_p, signed, lr)
         assert_close(mi, want_m)
@@ -57,7 +57,7 @@ def test_signum_matches_float64_reference(device, rng, param_dtype, state_dtype)
     for p, g, b in zip(params, grads, bufs):
         b64 = beta * b.double() + (1 - beta) * g.double()
         expected.append((sign_step(p, torch.sign(b64), lr, wd), b64))
-    ops.signum_(params, grads, bufs, lr=lr, beta=beta, weight_decay=wd)
+    torch.ops.fastoptim.signum_(params, grads, bufs, scalar(lr, device), beta, wd, None)
     for p, b, (want_p, want_b) in zip(params, bufs, expected):
         assert_sign_step_close(p, want_p, want_b, lr)
         assert_close(b, want_b)
@@ -78,7 +78,7 @@ def test_momentum_matches_float64_reference(device, rng, grad_dtype, state_dtype
         b64 = beta * b.double() + grad_weight * g64
         expected_bufs.append(b64)
         expected_dirs.append(beta * b64 + grad_weight * g64 if nesterov else b64)
-    ops.momentum_(grads, bufs, directions, beta=beta, nesterov=nesterov, ema=ema, grad_scale=scale)
+    torch.ops.fastoptim.momentum_(grads, bufs, directions, beta, nesterov, ema, scalar(scale, device))
     for b, want in zip(bufs, expected_bufs):
         assert_close(b, want)
     for d, want in zip(directions, expected_dirs):
@@ -87,5 +87,5 @@ def test_momentum_matches_float64_reference(device, rng, grad_dtype, state_dtype
 
 def test_signum_sign_of_zero_is_zero(device):
     params, grads, bufs = [torch.ones(3, device=device)], [torch.zeros(3, device=device)], [torch.zeros(3, device=device)]
-    ops.signum_(params, grads, bufs, lr=0.5, beta=0.9, weight_decay=0.0)
+    torch.ops.fastoptim.signum_(params, grads, bufs, scalar(0.5, device), 0.9, 0.0, None)
     torch.testing.assert_close(params[0].cpu(), torch.ones(3))

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import fastoptim
-from fastoptim.optim import functional
+from fastoptim.optim.functional.common import apply_update_
+from fastoptim.optim.functional.momentum import momentum_, signum_
 from fastoptim.optim.registry import build_optimizer
 from reference_scalar import Reference
 
@@ -49,7 +50,7 @@ def random_tensors(shapes, dtype, generator):
 def run(opt, params, grads_seq, scheduler=None):
     for grads in grads_seq:
         for p, g in zip(params, grads):
-            p.grad = g.clone()
+            p.grad = None if g is None else g.clone()
         opt.step()
         if scheduler is not None:
             scheduler.step()
@@ -76,6 +77,28 @@ def test_matches_float64_reference(name, dtype, rng):
         reference.step([grads])
     for p, expected in zip(params, reference.groups[0]["params"]):
         torch.testing.assert_close(p.double(), expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_parameters_of_one_group_at_different_step_counts_match_the_reference(name, rng):
+    """One group whose parameters step at different counts (one without a gradient on the first steps, one that
+    skips a step): each bias-corrects with its own count, on the native kernels, in one call per step."""
+    cls, hp = CASES[name]
+    params = random_tensors(SHAPES, torch.float32, rng)
+    has_grad = [[False, True, True, True], [False, True, False, True], [True] * 4, [True, True, False, True],
+                [True] * 4]
+    grads_seq = [[g if present else None for g, present in zip(random_tensors(SHAPES, torch.float32, rng), mask)]
+                 for mask in has_grad]
+    reference = Reference(name, [reference_group(name, params, hp)])
+    opt = cls(params, **hp, fused=True)
+    run(opt, params, grads_seq)
+    for grads in grads_seq:
+        reference.step([grads])
+    counts = [sum(mask[i] for mask in has_grad) for i in range(len(SHAPES))]
+    if name != "lion":  # Lion keeps no step count
+        assert [int(opt.state[p]["step"]) for p in params] == counts
+    for p, expected in zip(params, reference.groups[0]["params"]):
+        torch.testing.assert_close(p.double(), expected, **tolerance(torch.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -349,40 +372,9 @@ def test_build_optimizer_flat_betas_and_unknown_key():
     model = TinyLM()
     opt = build_optimizer("nadamw", model, {"lr": 0.004, "beta1": 0.8, "max_grad_norm": 2.0})
     assert isinstance(opt, fastoptim.NAdamW)
-    assert all(g["betas"] == (0.8, 0.98) and g["max_grad_norm"] == 2.0 for g in opt.param_groups)
+    assert all(g["betas"] == (0.8, 0.999) and g["max_grad_norm"] == 2.0 for g in opt.param_groups)
     with pytest.raises(ValueError, match="warmupp"):
         build_optimizer("adamw", model, {"warmupp": 3})
-
-
-# ---- the fused switch ----
-def test_fused_switch_selects_the_registered_native_core(monkeypatch):
-    calls = []
-
-    def native_lion(params, grads, exp_avgs, **scalars):
-        calls.append(len(params))
-        functional.PURE["lion"](params, grads, exp_avgs, **scalars)
-
-    monkeypatch.setattr(functional, "_FUSED", {})
-    monkeypatch.setattr(functional, "_fused_loaded", True)
-    params = [torch.randn(3)]
-    params[0].grad = torch.randn(3)
-    fastoptim.Lion(params, fused=False).step()
-    with pytest.raises(RuntimeError, match="fused=True.*'lion'"):
-        fastoptim.Lion(params, fused=True)
-    fastoptim.Lion(params).step()  # auto without a native op: pure torch
-    assert calls == []
-    functional.register_fused("lion", native_lion, supports=lambda tensors: all(t.ndim == 1 for t in tensors))
-    fastoptim.Lion(params).step()
-    fastoptim.Lion(params, fused=True).step()
-    assert calls == [1, 1]
-    matrices = [torch.randn(2, 2)]
-    matrices[0].grad = torch.randn(2, 2)
-    fastoptim.Lion(matrices).step()  # auto: the native op declines these tensors
-    assert calls == [1, 1]
-    with pytest.raises(RuntimeError, match="does not support"):
-        fastoptim.Lion(matrices, fused=True)
-    with pytest.raises(ValueError, match="fused"):
-        fastoptim.Lion(params, fused="yes")
 
 
 # ---- bad input: a clear error naming the culprit, nothing written ----
@@ -553,24 +545,27 @@ def test_added_param_group_is_routed_and_validated(rng):
     extra = random_tensors([(2, 6), (5,)], torch.float64, rng)
     opt.add_param_group({"params": extra, "lr": 0.1})
     assert [(g["branch"], g["lr"], len(g["params"])) for g in opt.param_groups] == [
-        ("mini", 0.004, 1), ("mini", 0.1, 1), ("adamw", 0.1, 1)
+        ("mini", 1e-3, 1), ("mini", 0.1, 1), ("adamw", 0.1, 1)
     ]
 
 
-def test_native_decoupled_update_is_the_auto_choice_and_matches_pure(rng):
-    pytest.importorskip("fastoptim.ops", reason="native library not built")
+@pytest.mark.parametrize("fused", [None, True, False])
+def test_decoupled_update_entry_matches_the_reference_on_either_path(rng, fused):
     params = random_tensors([(7, 5), (0,), (33,)], torch.float32, rng)
     updates = random_tensors([(7, 5), (0,), (33,)], torch.float32, rng)
     expected = [p.double() * (1 - 0.1 * 0.3) - 0.1 * u.double() for p, u in zip(params, updates)]
-    native = functional.select("apply_update", params, fused=None)
-    assert native is not functional.PURE["apply_update"]
-    native(params, updates, lr=0.1, weight_decay=0.3)
+    apply_update_(params, updates, lr=0.1, weight_decay=0.3, fused=fused)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.double(), e, rtol=1e-6, atol=1e-7)
+
+
+def test_decoupled_update_on_a_dtype_without_kernels(rng):
     doubles = random_tensors([(3,)], torch.float64, rng)
-    assert functional.select("apply_update", doubles, fused=None) is functional.PURE["apply_update"]
-    with pytest.raises(RuntimeError, match="does not support"):
-        functional.select("apply_update", doubles, fused=True)
+    expected = doubles[0] * (1 - 0.1 * 0.3) - 0.1
+    apply_update_(doubles, [torch.ones(3, dtype=torch.float64)], lr=0.1, weight_decay=0.3)  # auto: pure torch
+    torch.testing.assert_close(doubles[0], expected, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="fused=True: the native op fastoptim::decoupled_update_ takes float32"):
+        apply_update_(doubles, [torch.ones(3, dtype=torch.float64)], lr=0.1, weight_decay=0.3, fused=True)
 
 
 @pytest.mark.parametrize("name", ["adamw", "nadamw", "mars", "cautious", "lion", "mini", "sophia"])
@@ -626,7 +621,7 @@ def test_signum_core_matches_reference(dtype, rng):
     for _ in range(4):
         grads = random_tensors(SHAPES, dtype, rng)
         scale = 0.5
-        functional.signum_(params, grads, buffers, lr=0.02, beta=0.9, weight_decay=0.1,
+        signum_(params, grads, buffers, lr=0.02, beta=0.9, weight_decay=0.1,
                            grad_scale=torch.tensor(scale, dtype=dtype))
         for i, g in enumerate(grads):
             reference_buffers[i] = 0.9 * reference_buffers[i] + 0.1 * scale * g.double()
@@ -642,7 +637,7 @@ def test_momentum_core_matches_reference(nesterov, ema, rng):
     reference_buffers = [b.clone() for b in buffers]
     for _ in range(4):
         grads = random_tensors(SHAPES, torch.float64, rng)
-        directions = functional.momentum_(grads, buffers, beta=0.95, nesterov=nesterov, ema=ema)
+        directions = momentum_(grads, buffers, beta=0.95, nesterov=nesterov, ema=ema)
         for i, g in enumerate(grads):
             new = 0.05 * g if ema else g  # EMA (Scion) damps the gradient; heavy ball (Muon) does not
             reference_buffers[i] = 0.95 * reference_buffers[i] + new

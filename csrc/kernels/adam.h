@@ -42,11 +42,13 @@ struct AdamMoments {
 // The hyperparameters an Adam kernel reads: fixed ones by value, the step's from device memory.
 struct AdamScalars {
   StepScalars step_scalars;
-  const float* step;  // the step count t, 1 on the first step
+  const float* steps;  // steps[i]: the step count t of the call's i-th tensor (see step_counts)
   float beta1, beta2, eps;
   bool nesterov;
 
-  C10_HOST_DEVICE AdamMoments moments() const { return AdamMoments::at(*step, beta1, beta2, eps, nesterov); }
+  C10_HOST_DEVICE AdamMoments moments(const ChunkContext& ctx) const {
+    return AdamMoments::at(steps[ctx.tensor], beta1, beta2, eps, nesterov);
+  }
 };
 
 struct AdamWStep {
@@ -65,7 +67,9 @@ struct AdamWStep {
     }
   };
 
-  C10_HOST_DEVICE Math load(const ChunkContext&) const { return {scalars.step_scalars.load(), scalars.moments()}; }
+  C10_HOST_DEVICE Math load(const ChunkContext& ctx) const {
+    return {scalars.step_scalars.load(), scalars.moments(ctx)};
+  }
 };
 
 // Cautious, pass 1: per tensor, how many elements have u·g > 0 (u from the moments this step will write).
@@ -90,7 +94,7 @@ struct CautiousCount {
   };
 
   C10_HOST_DEVICE Math load(const ChunkContext& ctx) const {
-    return {scalars.step_scalars.load().grad_scale, scalars.moments(), counts + ctx.tensor};
+    return {scalars.step_scalars.load().grad_scale, scalars.moments(ctx), counts + ctx.tensor};
   }
 };
 
@@ -117,7 +121,7 @@ struct CautiousStep {
 
   C10_HOST_DEVICE Math load(const ChunkContext& ctx) const {
     const float mean = static_cast<float>(static_cast<double>(counts[ctx.tensor]) / static_cast<double>(ctx.numel));
-    return {scalars.step_scalars.load(), scalars.moments(), 1.0f / (mean + scalars.eps)};
+    return {scalars.step_scalars.load(), scalars.moments(ctx), 1.0f / (mean + scalars.eps)};
   }
 };
 
@@ -143,8 +147,8 @@ struct MarsStep {
     }
   };
 
-  C10_HOST_DEVICE Math load(const ChunkContext&) const {
-    return {scalars.step_scalars.load(), scalars.moments(), correction};
+  C10_HOST_DEVICE Math load(const ChunkContext& ctx) const {
+    return {scalars.step_scalars.load(), scalars.moments(ctx), correction};
   }
 };
 
@@ -152,25 +156,26 @@ struct MarsStep {
 struct AdamCall {
   std::optional<at::Device> device;
   at::ScalarType param_dtype, state_dtype;
+  at::Tensor step_counts;  // what scalars.steps points into: kept alive until the kernels are queued
   AdamScalars scalars;
 };
 
 inline AdamCall check_adam_call(at::TensorList params, at::TensorList grads, c10::ArrayRef<NamedList> state,
-                                const at::Tensor& lr, const at::Tensor& step,
+                                const at::Tensor& lr, at::TensorList steps,
                                 double beta1, double beta2, double eps, double weight_decay,
                                 const std::optional<at::Tensor>& grad_scale, bool nesterov) {
   std::vector<NamedList> lists{{"params", params}, {"grads", grads}};
   lists.insert(lists.end(), state.begin(), state.end());
-  AdamCall call{check_tensor_lists(lists), at::kFloat, at::kFloat, {}};
+  AdamCall call{check_tensor_lists(lists), at::kFloat, at::kFloat, {}, {}};
   if (!call.device) return call;
   check_scalar("lr", lr, *call.device);
-  check_scalar("step", step, *call.device);
+  call.step_counts = step_counts(steps, params.size(), *call.device);
   call.param_dtype = common_float_dtype("params", params);
   check_grads_like_params(grads, call.param_dtype);
   call.state_dtype = check_state_dtype(state, call.param_dtype);
   call.scalars = {{lr.data_ptr<float>(), optional_scalar("grad_scale", grad_scale, *call.device),
                    static_cast<float>(weight_decay)},
-                  step.data_ptr<float>(),
+                  call.step_counts.data_ptr<float>(),
                   static_cast<float>(beta1),
                   static_cast<float>(beta2),
                   static_cast<float>(eps),
@@ -180,10 +185,10 @@ inline AdamCall check_adam_call(at::TensorList params, at::TensorList grads, c10
 
 template <typename Backend>
 void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-            const at::Tensor& lr, const at::Tensor& step, double beta1, double beta2, double eps, double weight_decay,
+            const at::Tensor& lr, at::TensorList steps, double beta1, double beta2, double eps, double weight_decay,
             bool nesterov, const std::optional<at::Tensor>& grad_scale) {
   const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr,
-                                        step, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
+                                        steps, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
   if (!call.device) return;
   FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "adamw_", [&] {
     Backend::template multi_tensor_apply<param_t, const param_t, state_t, state_t>(
@@ -193,11 +198,11 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
 
 template <typename Backend>
 void cautious_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, const at::Tensor& lr, const at::Tensor& step, double beta1,
+                     at::TensorList exp_avg_sqs, const at::Tensor& lr, at::TensorList steps, double beta1,
                      double beta2, double eps, double weight_decay, bool nesterov,
                      const std::optional<at::Tensor>& grad_scale) {
   const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr,
-                                        step, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
+                                        steps, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
   if (!call.device) return;
   const at::Tensor counts = at::zeros({static_cast<int64_t>(params.size())},
                                       at::TensorOptions().dtype(at::kLong).device(*call.device));
@@ -212,10 +217,10 @@ void cautious_adamw_(at::TensorList params, at::TensorList grads, at::TensorList
 
 template <typename Backend>
 void mars_adamw_(at::TensorList params, at::TensorList grads, at::TensorList prev_grads, at::TensorList exp_avgs,
-                 at::TensorList exp_avg_sqs, const at::Tensor& lr, const at::Tensor& step, double beta1, double beta2,
+                 at::TensorList exp_avg_sqs, const at::Tensor& lr, at::TensorList steps, double beta1, double beta2,
                  double eps, double weight_decay, double gamma, const std::optional<at::Tensor>& grad_scale) {
   const AdamCall call = check_adam_call(
-      params, grads, {{"prev_grads", prev_grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr, step,
+      params, grads, {{"prev_grads", prev_grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr, steps,
       beta1, beta2, eps, weight_decay, grad_scale, false);
   if (!call.device) return;
   const auto correction = static_cast<float>(gamma * beta1 / (1.0 - beta1));

@@ -40,15 +40,17 @@ struct AdamMiniStep {
     }
   };
 
-  C10_HOST_DEVICE Math load(const ChunkContext&) const { return {scalars.step_scalars.load(), scalars.moments()}; }
+  C10_HOST_DEVICE Math load(const ChunkContext& ctx) const {
+    return {scalars.step_scalars.load(), scalars.moments(ctx)};
+  }
 };
 
 // exp_avg_sqs[i] holds params[i]'s blocks: params[i].numel() must be a multiple of exp_avg_sqs[i].numel().
 template <typename Backend>
 void adam_mini_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                const at::Tensor& lr, const at::Tensor& step, double beta1, double beta2, double eps,
+                const at::Tensor& lr, at::TensorList steps, double beta1, double beta2, double eps,
                 double weight_decay, const std::optional<at::Tensor>& grad_scale) {
-  const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}}, lr, step, beta1, beta2, eps,
+  const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}}, lr, steps, beta1, beta2, eps,
                                         weight_decay, grad_scale, false);
   if (!call.device) return;
   // exp_avg_sqs has one value per block, so it is checked on its own: same device and dtype rules, block counts

@@ -12,7 +12,7 @@ namespace fastoptim {
 
 struct SophiaStep {
   StepScalars scalars;
-  const float* step;
+  const float* steps;  // steps[i]: the step count t of the call's i-th tensor (see step_counts)
   float beta1, gamma, eps, clip_threshold;
 
   struct Math {
@@ -30,8 +30,8 @@ struct SophiaStep {
     }
   };
 
-  C10_HOST_DEVICE Math load(const ChunkContext&) const {
-    return {scalars.load(), beta1, gamma, eps, clip_threshold, bias_correction(beta1, *step)};
+  C10_HOST_DEVICE Math load(const ChunkContext& ctx) const {
+    return {scalars.load(), beta1, gamma, eps, clip_threshold, bias_correction(beta1, steps[ctx.tensor])};
   }
 };
 
@@ -46,20 +46,20 @@ struct HessianEma {
 
 template <typename Backend>
 void sophia_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList hessians,
-             const at::Tensor& lr, const at::Tensor& step, double beta1, double gamma, double eps,
+             const at::Tensor& lr, at::TensorList steps, double beta1, double gamma, double eps,
              double clip_threshold, double weight_decay, const std::optional<at::Tensor>& grad_scale) {
   const auto device = check_tensor_lists(
       {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"hessians", hessians}});
   if (!device) return;
   check_scalar("lr", lr, *device);
-  check_scalar("step", step, *device);
+  const at::Tensor counts = step_counts(steps, params.size(), *device);
   const at::ScalarType param_dtype = common_float_dtype("params", params);
   check_grads_like_params(grads, param_dtype);
   const at::ScalarType state_dtype =
       check_state_dtype({{"exp_avgs", exp_avgs}, {"hessians", hessians}}, param_dtype);
   const SophiaStep functor{
       {lr.data_ptr<float>(), optional_scalar("grad_scale", grad_scale, *device), static_cast<float>(weight_decay)},
-      step.data_ptr<float>(),
+      counts.data_ptr<float>(),
       static_cast<float>(beta1),
       static_cast<float>(gamma),
       static_cast<float>(eps),

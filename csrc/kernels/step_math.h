@@ -73,6 +73,24 @@ struct StepScalars {
   }
 };
 
+// The per-parameter step counters of a bias-correcting op: steps[i] is the count t of params[i] (1 on its first
+// step), a 0-dim float32 tensor on the params' device. The ops only read them (the functional core advances them
+// before the call), so parameters at different counts share one launch. Returns the counts gathered on the device
+// into one float32 vector, which the kernels index by a chunk's tensor: no host read, so a step can be captured.
+inline at::Tensor step_counts(at::TensorList steps, size_t n_params, const at::Device& device) {
+  TORCH_CHECK(steps.size() == n_params, "fastoptim: steps has ", steps.size(), " tensors but params has ", n_params,
+              "; pass one step counter per parameter");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& t = steps[i];
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "fastoptim: steps[", i, "] has dtype ", dtype_name(t.scalar_type()),
+                "; a step counter is a 0-dim float32 tensor");
+    TORCH_CHECK(t.dim() == 0, "fastoptim: steps[", i, "] has ", t.dim(), " dims; a step counter is a 0-dim tensor");
+    TORCH_CHECK(t.device() == device, "fastoptim: steps[", i, "] is on ", t.device(), " but the tensors are on ",
+                device);
+  }
+  return at::stack(steps);
+}
+
 // 1 − β^t for the step count t held in a float; in double, so that 1 − β^t keeps its digits for β near 1.
 C10_HOST_DEVICE inline float bias_correction(float beta, float step) {
   return static_cast<float>(1.0 - ::pow(static_cast<double>(beta), static_cast<double>(step)));

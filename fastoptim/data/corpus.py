@@ -3,8 +3,8 @@
 The default corpus is the Python standard library's own source (`sysconfig.get_paths()['stdlib']`, outside its test
 folders). It is the one real corpus present wherever Python runs, with no download and no system package, so a fresh
 or air-gapped machine can train out of the box. It is real text of a kind the paper's mix contains (StarCoderData is
-~6% of it): code with English docstrings and comments. It is a CPU-scale corpus (~11 MB); GPU-scale runs need the
-user's own data (text files, or pre-tokenized .bin shards, see shards.py).
+~6% of it): code with English docstrings and comments. It is a CPU-scale corpus: about 12 MB of source, 3.4 M tokens
+at the default 4096-token BPE; GPU-scale runs need the user's own data (text files, or token shards, see shards.py).
 
 Every source is cut into documents (a file, or ~64 KB pieces of a large file at line boundaries) so that the held-out
 validation split can be chosen per document, by a hash of its name: deterministic and independent of file order.
@@ -65,9 +65,11 @@ def _split_into_pieces(name: str, text: str) -> list[Document]:
     return pieces
 
 
-def read_documents(root: Path, files: list[Path], max_bytes: int) -> list[Document]:
-    """Documents from files in the given order until max_bytes of text; files that are not UTF-8 text are skipped."""
+def read_documents(root: Path, files: list[Path], max_bytes: int | None) -> list[Document]:
+    """Documents from files in the given order until max_bytes of text (None: all); files that are not UTF-8 text
+    are skipped."""
     docs, total = [], 0
+    max_bytes = float("inf") if max_bytes is None else max_bytes
     for path in files:
         if total >= max_bytes:
             break
@@ -77,15 +79,17 @@ def read_documents(root: Path, files: list[Path], max_bytes: int) -> list[Docume
             continue
         if not text.strip():
             continue
-        text = text[: max_bytes - total]
+        if total + len(text) > max_bytes:
+            text = text[: int(max_bytes - total)]
         total += len(text)
         docs += _split_into_pieces(str(path.relative_to(root)), text)
     return docs
 
 
-def load_corpus(sources: list[str], max_bytes: int) -> list[Document]:
-    """Documents of the named sources: "stdlib" or paths to text files / directories (checked to exist)."""
-    per_source = max_bytes // len(sources)
+def load_corpus(sources: list[str], max_bytes: int | None = None) -> list[Document]:
+    """Documents of the named sources: "stdlib" or paths to text files / directories (checked to exist); at most
+    max_bytes of text in all (None: everything), shared equally between the sources."""
+    per_source = None if max_bytes is None else max_bytes // len(sources)
     docs = []
     for source in sources:
         if source == STDLIB_SPEC:

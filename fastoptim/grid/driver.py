@@ -4,15 +4,12 @@ Any number of drivers (one per machine, or one per Slurm allocation) may share a
 claims the runs nobody has claimed, and reads the others' results from the store as they land.
 """
 
-import math
 import time
 from pathlib import Path
 
 from .phases import Benchmark
 from .progress import GridProgress
-from .runs import RunOutcome
-
-_CRASHED = RunOutcome(final_val_loss=math.inf, diverged=False)
+from .runs import CRASHED
 
 
 def run_grid(preset, store, executor, param_count, runs_dir, progress: GridProgress | None = None,
@@ -53,7 +50,7 @@ def run_grid(preset, store, executor, param_count, runs_dir, progress: GridProgr
                 del in_flight[spec.run_id]
                 if isinstance(outcome, Exception):
                     store.fail(spec, f"{type(outcome).__name__}: {outcome}")
-                    bench.record(spec, _CRASHED)
+                    bench.record(spec, CRASHED)
                 else:
                     store.finish(spec, outcome)
                     bench.record(spec, outcome)

@@ -5,6 +5,7 @@ finished since the last poll with their RunOutcome (or the Exception that ended 
 holds its checkpoints, so a run cut short (killed grid, preempted job) resumes from them when it is started again.
 """
 
+import dataclasses
 import os
 import subprocess
 import time
@@ -171,4 +172,4 @@ def _resumable(submitit, run_fn):
 def _timed(outcome, seconds):
     if isinstance(outcome, Exception) or outcome.seconds is not None:
         return outcome
-    return type(outcome)(outcome.final_val_loss, outcome.diverged, outcome.steps, seconds)
+    return dataclasses.replace(outcome, seconds=seconds)

@@ -57,13 +57,16 @@ class Benchmark:
         tokens = regime.ratio * self.preset.tokens_per_param * self.param_count(regime.model)
         return max(1, math.floor(tokens / (self.preset.seq_len * hparams["batch_size"])))
 
-    def spec(self, optimizer: str, regime: Regime, hparams: dict) -> RunSpec:
+    def spec(self, optimizer: str, regime: Regime, hparams: dict, seed: int | None = None) -> RunSpec:
+        """The run of `hparams` at `regime`; seed None: the preset's (the seed every search runs with)."""
         steps = self.steps(regime, hparams)
         every = self.preset.eval_every
         eval_every = None if every is None else steps if every == 0 else min(every, max(1, steps - 1))
         return RunSpec(optimizer=optimizer, model=regime.model, chinchilla=regime.ratio, hparams=dict(hparams),
-                       seq_len=self.preset.seq_len, steps=steps, eval_every=eval_every, seed=self.preset.seed,
-                       data=self.preset.data)
+                       seq_len=self.preset.seq_len, steps=steps, eval_every=eval_every,
+                       seed=self.preset.seed if seed is None else seed,
+                       data=self.preset.data, eval_tokens=self.preset.eval_tokens, eval_data=self.preset.eval_data,
+                       vocab_size=self.preset.vocab_size)
 
     def _feasible(self, regime: Regime):
         # The study skipped configs whose warmup exceeds the run (spec §2).
@@ -82,6 +85,10 @@ class Benchmark:
             spec = self.spec(optimizer, regime, hparams)
             if spec.run_id not in self.outcomes:
                 specs[spec.run_id] = spec
+        for optimum in self.settled_optima():
+            for spec in self.seed_specs(optimum):
+                if spec.run_id not in self.outcomes:
+                    specs[spec.run_id] = spec
         return list(specs.values())
 
     @property
@@ -90,6 +97,8 @@ class Benchmark:
 
     def record(self, spec: RunSpec, outcome: RunOutcome) -> None:
         self.outcomes[spec.run_id] = (spec, outcome)
+        if spec.seed != self.preset.seed:
+            return  # an optimum repeated under another seed measures noise; it is no answer to the search
         search = self.searches.get((spec.optimizer, Regime(spec.model, float(spec.chinchilla))))
         if search is not None:
             search.tell(spec.hparams, outcome.score)
@@ -107,6 +116,29 @@ class Benchmark:
             if run_id in self.outcomes:
                 return Optimum(optimizer, regime, self.phase3[key], self.outcomes[run_id][1].score)
         return None
+
+    def settled_optima(self) -> list[Optimum]:
+        """The finite optimum of every regime whose search has finished (or whose Phase III run has)."""
+        settled = []
+        for key in [*self.searches, *self.phase3]:
+            search = self.searches.get(key)
+            if search is not None and not (search.scores and search.done):
+                continue
+            optimum = self.optimum(*key)
+            if optimum is not None and math.isfinite(optimum.loss):
+                settled.append(optimum)
+        return settled
+
+    def seed_specs(self, optimum: Optimum) -> list[RunSpec]:
+        """The optimum's repeats under the preset's extra seeds (the runs that measure seed noise)."""
+        first = self.preset.seed + 1
+        return [self.spec(optimum.optimizer, optimum.regime, optimum.hparams, seed)
+                for seed in range(first, first + self.preset.extra_seeds)]
+
+    def seed_losses(self, optimum: Optimum) -> list[float]:
+        """Final losses of the optimum under every seed run so far, the search's own seed first (inf: diverged)."""
+        repeats = [self.outcomes.get(spec.run_id) for spec in self.seed_specs(optimum)]
+        return [optimum.loss] + [outcome.score for _, outcome in filter(None, repeats)]
 
     def phase_done(self, optimizer: str, phase: int) -> bool:
         keys = [key for key, p in self.phase_of.items() if key[0] == optimizer and p == phase]

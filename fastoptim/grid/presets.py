@@ -14,6 +14,8 @@ update_interval.
 import json
 from dataclasses import asdict, dataclass, replace
 
+from fastoptim.optim.paper import paper_hparams
+
 OPTIMIZER_NAMES = ("adamw", "nadamw", "mars", "cautious", "lion", "mini", "muon", "scion", "kron", "soap", "sophia")
 
 
@@ -53,7 +55,13 @@ class GridPreset:
     fit_drop_first: bool = True      # Phase III fit drops the smallest (N, D) point, as the study's code does
     baseline_optimizer: str = "adamw"
     seed: int = 0
+    extra_seeds: int = 0             # the best config of every regime runs again with seeds seed+1 … seed+extra_seeds
     data: str | None = None          # corpus spec for the trainer; None: its embedded default corpus
+    eval_tokens: int | None = None   # size of the fixed eval set; None: the trainer's default
+    eval_data: str | None = None     # a separate eval set; None: the held-out split of the data
+    allow_repeat: bool = False       # declared: runs may take more than one pass over the data
+    vocab_size: int | None = None    # text data: the BPE's vocabulary (None: the trainer's default, 4096)
+    pipeline_check: bool = False     # a check that the pipeline runs, too short for conclusions: its report says so
 
     def __post_init__(self):
         unknown = [name for name in self.optimizers if name not in OPTIMIZER_NAMES]
@@ -98,73 +106,48 @@ _WARMUP = (500, 1000, 2000, 4000)
 _BSZ = (128, 256, 512, 1024)
 _CLIP = (0, 1, 2)
 _WD = (0.0, 0.1, 0.2)
-_COSINE = {"lr_schedule": "cosine", "decay": 1.0, "min_lr_ratio": 0.0}
-_WSD = {"lr_schedule": "linear", "min_lr_ratio": 0.0}
-
+_NADAMW_GRID_LR = (8e-3, 1.6e-2, 3.2e-2)
 _ADAMW_GRID = {"lr": (4e-3, 8e-3, 1.6e-2, 3.2e-2), "weight_decay": _WD, "warmup": _WARMUP, "beta1": (0.9, 0.95, 0.98),
                "beta2": (0.9, 0.95, 0.98), "eps": (1e-25, 1e-20, 1e-15, 1e-10), "max_grad_norm": _CLIP,
                "batch_size": _BSZ}
-_NADAMW_GRID = {**_ADAMW_GRID, "lr": (8e-3, 1.6e-2, 3.2e-2), "beta1": (0.8, 0.9, 0.95, 0.98)}
-_ADAMW_BASE = {"lr": 8e-3, "weight_decay": 0.1, "warmup": 2000, "beta1": 0.9, "beta2": 0.98, "eps": 1e-20,
-               "max_grad_norm": 1.0, "batch_size": 128, **_COSINE}
+_NADAMW_GRID = {**_ADAMW_GRID, "lr": _NADAMW_GRID_LR, "beta1": (0.8, 0.9, 0.95, 0.98)}
 
-_PAPER_SWEEPS = {
-    "adamw": OptimizerSweep(_ADAMW_BASE, _ADAMW_GRID),
-    "nadamw": OptimizerSweep({**_ADAMW_BASE, "lr": 1.6e-2, "beta1": 0.95, "beta2": 0.95, "eps": 1e-10}, _NADAMW_GRID),
-    "cautious": OptimizerSweep({**_ADAMW_BASE, "beta1": 0.98, "beta2": 0.98, "eps": 1e-25, "batch_size": 256},
-                               _NADAMW_GRID),
-    "mini": OptimizerSweep({**_ADAMW_BASE, "lr": 4e-3, "eps": 1e-25, "max_grad_norm": 2.0}, _ADAMW_GRID),
-    "mars": OptimizerSweep(
-        {**_ADAMW_BASE, "beta1": 0.95, "beta2": 0.99, "gamma": 0.025, "eps": 1e-25},
-        {"lr": (8e-3, 1.6e-2, 3.2e-2), "weight_decay": _WD, "warmup": _WARMUP, "beta1": (0.8, 0.9, 0.95, 0.98),
-         "beta2": (0.9, 0.95, 0.98, 0.99), "gamma": (0.0125, 0.025, 0.05, 0.1),
-         "eps": (1e-30, 1e-25, 1e-20, 1e-15, 1e-10), "batch_size": _BSZ}),
-    "lion": OptimizerSweep(  # Lion has no eps
-        {**{k: v for k, v in _ADAMW_BASE.items() if k != "eps"}, "lr": 2e-3, "weight_decay": 0.7, "beta2": 0.95},
-        {"lr": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3), "weight_decay": tuple(round(0.1 * i, 1) for i in range(11)),
-         "beta1": (0.8, 0.9, 0.95, 0.98), "beta2": (0.9, 0.95, 0.98), "warmup": _WARMUP, "max_grad_norm": _CLIP,
-         "batch_size": _BSZ}),
-    # Muon and Scion: Levanter's backend_steps was 10 when the sweep ran (spec §1.7), so the paper preset sets 10.
-    "muon": OptimizerSweep(
-        {"lr": 1.6e-2, "adam_lr_ratio": 0.2, "momentum": 0.95, "beta1": 0.8, "beta2": 0.98, "eps": 1e-15,
-         "muon_eps": 1e-5, "ns_steps": 10, "weight_decay": 0.1, "max_grad_norm": 1.0, "warmup": 0, "decay": 0.8,
-         "batch_size": 128, **_WSD},
-        {"lr": (8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1), "adam_lr_ratio": (0.1, 0.2, 0.3, 0.4),
-         "momentum": (0.8, 0.9, 0.95, 0.98), "decay": (0.2, 0.4, 0.6, 0.8, 1.0), "beta1": (0.8, 0.9, 0.95, 0.98),
-         "beta2": (0.9, 0.95, 0.98), "eps": (1e-25, 1e-20, 1e-15, 1e-10),
-         "muon_eps": (1e-25, 1e-20, 1e-15, 1e-10, 1e-5), "max_grad_norm": _CLIP, "weight_decay": _WD,
-         "batch_size": _BSZ}),
-    "scion": OptimizerSweep(
-        {"lr": 1.6e-2, "signum_lr_ratio": 0.2, "momentum": 0.95, "beta1": 0.98, "scion_eps": 1e-5, "ns_steps": 10,
-         "weight_decay": 0.1, "max_grad_norm": 2.0, "warmup": 0, "decay": 0.8, "batch_size": 128, **_WSD},
-        {"lr": (8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1), "weight_decay": _WD, "momentum": (0.8, 0.9, 0.95, 0.98),
-         "beta1": (0.8, 0.9, 0.95, 0.98), "scion_eps": (1e-20, 1e-15, 1e-10, 1e-5), "max_grad_norm": _CLIP,
-         "decay": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "signum_lr_ratio": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
-         "batch_size": _BSZ}),
-    "kron": OptimizerSweep(
-        {"lr": 1e-3, "weight_decay": 0.7, "beta1": 0.95, "block_size": 256, "max_grad_norm": 1.0,
-         "normalize_grads": True, "precond_lr": 0.2, "precond_update_prob_min": 0.1,
-         "precond_update_flat_start": 2000, "init_scale": 1.0, "warmup": 1000, "batch_size": 128, **_COSINE},
-        {"lr": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3), "weight_decay": (0.0, 0.5, 0.7, 0.9), "beta1": (0.9, 0.95, 0.98),
-         "block_size": (128, 256, 512), "max_grad_norm": _CLIP, "normalize_grads": (False, True),
-         "precond_lr": (0.1, 0.2), "precond_update_prob_min": (0.05, 0.1),
-         "precond_update_flat_start": (500, 1000, 2000), "warmup": (1000, 2000, 4000), "batch_size": _BSZ}),
-    "soap": OptimizerSweep(
-        {"lr": 8e-3, "beta1": 0.95, "beta2": 0.99, "shampoo_beta": 0.98, "eps": 1e-15, "block_size": 512,
-         "precondition_frequency": 10, "warmup": 1000, "weight_decay": 0.1, "max_grad_norm": 1.0,
-         "batch_size": 256, **_COSINE},
-        {"lr": (4e-3, 8e-3, 1.6e-2), "beta1": (0.8, 0.9, 0.95), "beta2": (0.9, 0.95, 0.98, 0.99),
-         "shampoo_beta": (0.9, 0.95, 0.98, 0.99), "precondition_frequency": (1, 5, 10),
-         "block_size": (128, 256, 512), "eps": (1e-20, 1e-15, 1e-10), "warmup": (500, 1000, 2000),
-         "weight_decay": _WD, "batch_size": (128, 256, 512)}),
-    "sophia": OptimizerSweep(
-        {"lr": 4e-3, "gamma": 0.0125, "eps": 1e-12, "beta1": 0.96, "beta2": 0.99, "weight_decay": 0.1,
-         "update_interval": 10, "max_grad_norm": 1.0, "warmup": 2000, "batch_size": 128, **_COSINE},
-        {"lr": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), "gamma": (0.00625, 0.0125, 0.025, 0.05),
-         "eps": (1e-17, 1e-12, 1e-7), "beta1": (0.8, 0.9, 0.95, 0.98), "beta2": (0.9, 0.95, 0.98, 0.99, 0.995),
-         "weight_decay": (0.0, 0.1, 0.2, 0.3), "warmup": _WARMUP, "batch_size": _BSZ},
-        phase2=False),
+# Phase I grids (spec §4); each starts from the paper's starting configuration (fastoptim.paper_hparams).
+_PAPER_GRIDS = {
+    "adamw": _ADAMW_GRID,
+    "nadamw": _NADAMW_GRID,
+    "cautious": _NADAMW_GRID,
+    "mini": _ADAMW_GRID,
+    "mars": {"lr": _NADAMW_GRID_LR, "weight_decay": _WD, "warmup": _WARMUP, "beta1": (0.8, 0.9, 0.95, 0.98),
+             "beta2": (0.9, 0.95, 0.98, 0.99), "gamma": (0.0125, 0.025, 0.05, 0.1),
+             "eps": (1e-30, 1e-25, 1e-20, 1e-15, 1e-10), "batch_size": _BSZ},
+    "lion": {"lr": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3), "weight_decay": tuple(round(0.1 * i, 1) for i in range(11)),
+             "beta1": (0.8, 0.9, 0.95, 0.98), "beta2": (0.9, 0.95, 0.98), "warmup": _WARMUP, "max_grad_norm": _CLIP,
+             "batch_size": _BSZ},
+    "muon": {"lr": (8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1), "adam_lr_ratio": (0.1, 0.2, 0.3, 0.4),
+             "momentum": (0.8, 0.9, 0.95, 0.98), "decay": (0.2, 0.4, 0.6, 0.8, 1.0), "beta1": (0.8, 0.9, 0.95, 0.98),
+             "beta2": (0.9, 0.95, 0.98), "eps": (1e-25, 1e-20, 1e-15, 1e-10),
+             "muon_eps": (1e-25, 1e-20, 1e-15, 1e-10, 1e-5), "max_grad_norm": _CLIP, "weight_decay": _WD,
+             "batch_size": _BSZ},
+    "scion": {"lr": (8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1), "weight_decay": _WD, "momentum": (0.8, 0.9, 0.95, 0.98),
+              "beta1": (0.8, 0.9, 0.95, 0.98), "scion_eps": (1e-20, 1e-15, 1e-10, 1e-5), "max_grad_norm": _CLIP,
+              "decay": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "signum_lr_ratio": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
+              "batch_size": _BSZ},
+    "kron": {"lr": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3), "weight_decay": (0.0, 0.5, 0.7, 0.9), "beta1": (0.9, 0.95, 0.98),
+             "block_size": (128, 256, 512), "max_grad_norm": _CLIP, "normalize_grads": (False, True),
+             "precond_lr": (0.1, 0.2), "precond_update_prob_min": (0.05, 0.1),
+             "precond_update_flat_start": (500, 1000, 2000), "warmup": (1000, 2000, 4000), "batch_size": _BSZ},
+    "soap": {"lr": (4e-3, 8e-3, 1.6e-2), "beta1": (0.8, 0.9, 0.95), "beta2": (0.9, 0.95, 0.98, 0.99),
+             "shampoo_beta": (0.9, 0.95, 0.98, 0.99), "precondition_frequency": (1, 5, 10),
+             "block_size": (128, 256, 512), "eps": (1e-20, 1e-15, 1e-10), "warmup": (500, 1000, 2000),
+             "weight_decay": _WD, "batch_size": (128, 256, 512)},
+    "sophia": {"lr": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), "gamma": (0.00625, 0.0125, 0.025, 0.05),
+               "eps": (1e-17, 1e-12, 1e-7), "beta1": (0.8, 0.9, 0.95, 0.98), "beta2": (0.9, 0.95, 0.98, 0.99, 0.995),
+               "weight_decay": (0.0, 0.1, 0.2, 0.3), "warmup": _WARMUP, "batch_size": _BSZ},
 }
+# The study ran Sophia at Phase I regimes only.
+_PAPER_SWEEPS = {name: OptimizerSweep(paper_hparams(name), grid, phase2=name != "sophia")
+                 for name, grid in _PAPER_GRIDS.items()}
 PAPER_SWEEPS = {name: _PAPER_SWEEPS[name] for name in OPTIMIZER_NAMES}  # the spec's order, for reports
 
 PAPER = GridPreset(
@@ -174,7 +157,16 @@ PAPER = GridPreset(
     phase2=regimes(["300m", "520m"], [2, 4, 8]),
     phase3=regimes(["1.2b"], [1, 2, 4, 8]) + regimes(["130m", "300m"], [16]),
     phase3_optimizers=("adamw", "nadamw", "muon", "soap"),
+    # The study scores Paloma's C4-en validation split, about a million tokens (unconfirmed: our reading of Paloma's
+    # per-domain size): 256 windows of 4096.
+    eval_tokens=1 << 20,
 )
+
+# The largest micro-batch (sequences per forward on one GPU) per model: a run setting, not part of any preset or run
+# identity (`fastoptim grid --micro-batch` overrides it, `auto` probes the GPU). The paper sizes' values are estimates
+# for an 80 GB GPU at sequence 4096 with bf16 autocast, compiled blocks and the chunked cross-entropy (about 34·d
+# bytes of activations per token and layer), not measurements; the tiny sizes take their whole batch.
+MICRO_BATCH = {"130m": 16, "300m": 8, "520m": 4, "1.2b": 2}
 
 
 # ---- scaled-down presets: the same sweeps, only the main keys swept, short schedules ----
@@ -217,6 +209,10 @@ TINY = GridPreset(
     seq_len=128,
     tokens_per_param=0.5,  # tiny 1× = 32 steps … tiny2 8× = 2048 steps of 16 × 128 tokens
     eval_every=100,
+    eval_tokens=1 << 16,
+    # tiny2 at 8× needs 4.2 M training tokens; the embedded corpus (all of the standard library's source outside its
+    # tests) holds about 3.2 M, so that regime makes about 1.3 passes (every other regime fits in one).
+    allow_repeat=True,
 )
 
 SMOKE = GridPreset(
@@ -232,9 +228,37 @@ SMOKE = GridPreset(
     seq_len=32,
     tokens_per_param=0.005,  # tiny 1× = 5 steps, tiny 4× = 20, tiny2 1× = 40 steps of 4 × 32 tokens
     eval_every=0,
+    eval_tokens=1 << 12,
+    extra_seeds=1,  # so the check covers the seed runs and the noise marks too
+    pipeline_check=True,
 )
 
-PRESETS = {preset.name: preset for preset in (PAPER, TINY, SMOKE)}
+# The paper's structure at the scale of two CPU cores in under 30 minutes: five optimizers (the baseline, two scalar
+# and two matrix methods), four budgets at one size, each optimizer's lr tuned at every budget, and the best config of
+# each budget rerun under two more seeds to measure the noise the speedups must clear. The tiny model with a
+# 512-token BPE keeps the embeddings (2 × 512 × 64) at half the non-embedding parameters (131,072), as in the paper's
+# models, instead of dwarfing them as a 4096-token vocabulary would. Soap's blocks are 64 wide: on CPU its eigenbasis
+# refresh costs as much as 10 AdamW steps at 128 and more above.
+# The lr grids bracket the optima of pilot runs at 1× and 8× (Dec 2026, 2-core AMD EPYC): every optimizer's best
+# lr moved by at most one grid step between those budgets; Muon's moved from 0.064 to 0.032, so it keeps four values.
+_CPU_LRS = {"adamw": (2e-3, 4e-3, 8e-3), "nadamw": (2e-3, 4e-3, 8e-3), "lion": (1e-3, 2e-3, 4e-3),
+            "muon": (1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1), "soap": (8e-3, 1.6e-2, 3.2e-2)}
+_CPU_SWEEPS = _scaled_down(("lr",), {"batch_size": 16, "warmup": 8, "block_size": 64, "precond_update_flat_start": 20},
+                           names=tuple(_CPU_LRS))
+CPU = GridPreset(
+    name="cpu",
+    optimizers={name: replace(sweep, baseline={**sweep.baseline, "lr": _CPU_LRS[name][1]},
+                              grid={"lr": _CPU_LRS[name]}) for name, sweep in _CPU_SWEEPS.items()},
+    phase1=regimes(["tiny"], [1, 2, 4, 8]),
+    seq_len=64,
+    tokens_per_param=0.5,  # tiny 1× = 64 steps … 8× = 512 steps of 16 × 64 tokens
+    eval_every=32,
+    eval_tokens=1 << 14,
+    vocab_size=512,
+    extra_seeds=2,
+)
+
+PRESETS = {preset.name: preset for preset in (PAPER, TINY, SMOKE, CPU)}
 
 
 def get_preset(name: str) -> GridPreset:

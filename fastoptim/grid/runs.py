@@ -1,7 +1,8 @@
 """One point of the grid (a fully specified training run) and what it returns.
 
 A run's identity is the hash of its canonical config: everything that changes the result (model, optimizer,
-hyperparameters, data budget, sequence length, seed, data) and nothing that does not (device, output folder).
+hyperparameters, data budget, sequence length, seed, data, eval set) and nothing that does not (device, output
+folder, micro-batch, compile: see grid/runner.py's RunSettings).
 The same config asked for by two phases, two workers or two sessions is therefore one run.
 """
 
@@ -23,9 +24,12 @@ class RunSpec:
     eval_every: int | None = None
     seed: int = 0
     data: str | None = None  # None: the trainer's default corpus
+    eval_tokens: int | None = None  # None: the trainer's default size of the fixed eval set
+    eval_data: str | None = None  # None: the held-out split of `data`
+    vocab_size: int | None = None  # text data: the BPE's vocabulary; None: the trainer's default
 
     def config(self) -> dict:
-        return {
+        config = {
             "optimizer": self.optimizer,
             "model": self.model,
             "chinchilla": float(self.chinchilla),
@@ -35,7 +39,13 @@ class RunSpec:
             "eval_every": self.eval_every,
             "seed": self.seed,
             "data": self.data,
+            "eval_tokens": self.eval_tokens,
+            "eval_data": self.eval_data,
         }
+        # Set only when given, so every run of a store made before the field existed keeps its id.
+        if self.vocab_size is not None:
+            config["vocab_size"] = self.vocab_size
+        return config
 
     def canonical_json(self) -> str:
         return json.dumps(self.config(), sort_keys=True, separators=(",", ":"))
@@ -66,6 +76,7 @@ class RunOutcome:
     diverged: bool
     steps: int | None = None
     seconds: float | None = None
+    reason: str | None = None  # why a diverged run diverged: the rule that fired (fastoptim.train.divergence)
 
     @property
     def score(self) -> float:
@@ -73,3 +84,7 @@ class RunOutcome:
         if self.diverged or not math.isfinite(self.final_val_loss):
             return math.inf
         return self.final_val_loss
+
+
+# A run that raised: finished as far as its search is concerned (it loses to every run), retried by a later session.
+CRASHED = RunOutcome(final_val_loss=math.inf, diverged=False)

@@ -76,6 +76,10 @@ class CoordinateDescent:
         else:
             self._settled_keys += 1
 
+    def runs(self) -> list[tuple[dict, float]]:
+        """Every config told so far with its score."""
+        return [(dict(self._configs[key]), score) for key, score in self.scores.items()]
+
     def best(self) -> tuple[dict, float]:
         """The minimum-loss config run so far (the spec's grab_best_run), with its loss."""
         if not self.scores:

@@ -26,10 +26,15 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL CHECK (status IN ('running', 'done', 'error')),
     final_val_loss REAL, diverged INTEGER, steps INTEGER, seconds REAL,
     worker TEXT, host TEXT, pid INTEGER, heartbeat REAL,
-    out_dir TEXT, error TEXT, started REAL, finished REAL
+    out_dir TEXT, error TEXT, started REAL, finished REAL, reason TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_regime ON runs (optimizer, model, ratio);
 """
+
+
+# Columns added after the first stores were made: (name, SQL type), added to an older store when it is opened.
+_ADDED_COLUMNS = (("reason", "TEXT"),)
+_OUTCOME_COLUMNS = "final_val_loss, diverged, steps, seconds, reason"
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,9 @@ class StoredRun:
     status: str
     outcome: RunOutcome | None
     out_dir: str | None
-    error: str | None
+    error: str | None  # a crashed run's exception (type: message, its last 4000 characters)
+    started: float | None = None  # Unix times of the claim and of the result
+    finished: float | None = None
 
 
 class ResultsStore:
@@ -51,6 +58,7 @@ class ResultsStore:
         self.worker = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
         self._db = self._connect()
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
         self._stop = threading.Event()
         self._beat = None
 
@@ -61,6 +69,13 @@ class ResultsStore:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=60000")
         return db
+
+    def _add_missing_columns(self):
+        with self._transaction() as db:
+            present = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in present:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
 
     def close(self):
         self.stop_heartbeat()
@@ -83,7 +98,7 @@ class ResultsStore:
             row = db.execute("SELECT value FROM meta WHERE key='preset'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('preset', ?)", (preset_json,))
-            elif row[0] != preset_json:
+            elif row[0] != preset_json and not _same_grid(row[0], preset_json):
                 name = json.loads(row[0]).get("name")
                 raise ValueError(f"store {self.path} holds the grid of a different preset ({name!r}, or the same name "
                                  f"with other settings); give another --store path")
@@ -92,12 +107,29 @@ class ResultsStore:
         row = self._db.execute("SELECT value FROM meta WHERE key='preset'").fetchone()
         return row and row[0]
 
+    # ---- provenance: what each grid session ran on (grid/provenance.py) ----
+
+    def record_session(self, facts: dict) -> None:
+        """Record (or update) this worker's session facts: one meta row per worker, so a grid resumed on another
+        machine or at another commit keeps both records."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"session {self.worker}", json.dumps(facts)))
+
+    def sessions(self) -> list[dict]:
+        rows = self._db.execute("SELECT value FROM meta WHERE key LIKE 'session %'").fetchall()
+        return sorted((json.loads(value) for value, in rows), key=lambda facts: facts.get("started") or 0.0)
+
     # ---- claims ----
 
     def result(self, run_id: str) -> RunOutcome | None:
-        row = self._db.execute("SELECT final_val_loss, diverged, steps, seconds FROM runs "
-                               "WHERE run_id=? AND status='done'", (run_id,)).fetchone()
+        row = self._db.execute(f"SELECT {_OUTCOME_COLUMNS} FROM runs WHERE run_id=? AND status='done'",
+                               (run_id,)).fetchone()
         return None if row is None else _outcome(row)
+
+    def crashed(self, run_id: str) -> bool:
+        """Whether the run's last attempt raised (it is retried by the next claim)."""
+        row = self._db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return row is not None and row[0] == "error"
 
     def claim(self, spec: RunSpec, out_dir: str) -> bool:
         """Take the run for this worker; False when it is finished or a live worker holds it."""
@@ -123,10 +155,10 @@ class ResultsStore:
 
     def finish(self, spec: RunSpec, outcome: RunOutcome) -> None:
         with self._transaction() as db:
-            db.execute("UPDATE runs SET status='done', final_val_loss=?, diverged=?, steps=?, seconds=?, error=NULL, "
-                       "finished=? WHERE run_id=?",
-                       (outcome.final_val_loss, int(outcome.diverged), outcome.steps, outcome.seconds, time.time(),
-                        spec.run_id))
+            db.execute("UPDATE runs SET status='done', final_val_loss=?, diverged=?, steps=?, seconds=?, reason=?, "
+                       "error=NULL, finished=? WHERE run_id=?",
+                       (outcome.final_val_loss, int(outcome.diverged), outcome.steps, outcome.seconds, outcome.reason,
+                        time.time(), spec.run_id))
 
     def fail(self, spec: RunSpec, error: str) -> None:
         with self._transaction() as db:
@@ -164,11 +196,11 @@ class ResultsStore:
     # ---- reading ----
 
     def runs(self, status: str | None = None) -> list[StoredRun]:
-        query = "SELECT config, status, final_val_loss, diverged, steps, seconds, out_dir, error FROM runs"
+        query = f"SELECT config, status, {_OUTCOME_COLUMNS}, out_dir, error, started, finished FROM runs"
         rows = self._db.execute(query + (" WHERE status=?" if status else "") + " ORDER BY started",
                                 (status,) if status else ()).fetchall()
         return [StoredRun(RunSpec.from_config(json.loads(config)), state,
-                          _outcome(rest[:4]) if state == "done" else None, rest[4], rest[5])
+                          _outcome(rest[:5]) if state == "done" else None, *rest[5:])
                 for config, state, *rest in rows]
 
     def counts(self) -> dict[str, int]:
@@ -194,9 +226,17 @@ class _Immediate:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+def _same_grid(stored: str, given: str) -> bool:
+    """Whether two preset JSONs describe one grid: a store written before a preset field existed lacks it, and
+    reads back with that field's default."""
+    from .presets import GridPreset
+
+    return GridPreset.from_json(stored) == GridPreset.from_json(given)
+
+
 def _outcome(row) -> RunOutcome:
-    loss, diverged, steps, seconds = row
-    return RunOutcome(float("nan") if loss is None else loss, bool(diverged), steps, seconds)
+    loss, diverged, steps, seconds, reason = row
+    return RunOutcome(float("nan") if loss is None else loss, bool(diverged), steps, seconds, reason)
 
 
 def _process_alive(pid: int) -> bool:

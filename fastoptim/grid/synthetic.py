@@ -55,8 +55,9 @@ class SyntheticObjective:
         return value
 
     def __call__(self, spec, out_dir=None) -> RunOutcome:
-        if spec.hparams["lr"] > self.diverge_factor * self.optimum("lr", spec.model, spec.chinchilla):
-            return RunOutcome(math.inf, True, spec.steps)
+        limit = self.diverge_factor * self.optimum("lr", spec.model, spec.chinchilla)
+        if spec.hparams["lr"] > limit:
+            return RunOutcome(math.inf, True, spec.steps, reason=f"synthetic: lr {spec.hparams['lr']:g} > {limit:.3g}")
         return RunOutcome(self.loss(spec.optimizer, spec.model, spec.chinchilla, spec.hparams), False, spec.steps)
 
 

@@ -2,7 +2,8 @@
 
 Pre-norm RMSNorm (eps 1e-5), SwiGLU MLP, rotary position embeddings (theta 10000), full multi-head attention
 (kv_heads = heads) through scaled_dot_product_attention, no biases, untied input/output embeddings, every weight
-initialised N(0, 0.02). Module names are a contract with fastoptim/optim/routing.py (see TEAM.md): do not rename.
+initialised N(0, 0.02). The loss goes through a chunked linear cross-entropy (cross_entropy.py). Module names are a
+contract with fastoptim/optim/routing.py (see TEAM.md): do not rename.
 """
 
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fastoptim.models.cross_entropy import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -141,16 +144,19 @@ class Llama(nn.Module):
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
-        """tokens, targets: (batch, seq) int64. Returns logits (batch, seq, vocab) and the mean cross-entropy
-        over all target tokens (None without targets)."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, double_backward: bool = False):
+        """tokens, targets: (batch, seq) int64. Without targets: the logits (batch, seq, vocab). With targets: the
+        mean cross-entropy over all target tokens, in float32 even under bf16 autocast (the loss is the benchmark's
+        metric), through the chunked linear cross-entropy that never holds the full float32 logits; with
+        double_backward=True through F.cross_entropy on the whole logits, which autograd can differentiate twice
+        (Sophia's Hessian-vector product)."""
         cos, sin = rotary_cos_sin(tokens.shape[1], self.cfg.head_dim, self.cfg.rope_theta, tokens.device)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+        hidden = self.norm(x)
         if targets is None:
-            return logits, None
-        # Cross-entropy in fp32 even under bf16 autocast: the loss is the benchmark's metric.
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return logits, loss
+            return self.lm_head(hidden)
+        if double_backward:
+            return F.cross_entropy(self.lm_head(hidden).float().flatten(0, 1), targets.flatten())
+        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())

@@ -3,8 +3,9 @@
 import torch
 from torch import nn
 
-from fastoptim.optim.adam import run_moments_core
-from fastoptim.optim.base import BaseOptimizer, GroupWork
+from fastoptim.optim.base import BaseOptimizer, GroupWork, decay_of
+from fastoptim.optim.functional.adam import adam_
+from fastoptim.optim.functional.adam_mini import adam_mini_
 
 _ADAMW_KINDS = frozenset({"norm", "bias", "other"})
 
@@ -50,24 +51,23 @@ class AdamMini(BaseOptimizer):
 
     Args:
         params: an nn.Module (routing by kind and name) or torch params/groups.
-        lr: 0.004. betas: (0.9, 0.98). eps: 1e-10. weight_decay: 0.1. max_grad_norm: 1.0 (0 = no clipping).
-            lr, eps and λ are the spec's best 520M configuration; the spec gives no betas for Adam-mini, so they
-            are AdamW's defaults.
+        lr: 1e-3. betas: (0.9, 0.999). eps: 1e-8. weight_decay: 0.0 (the defaults of the Adam-mini authors'
+            reference implementation). max_grad_norm: None (no clipping).
         fused, check_finite, overrides: see BaseOptimizer.
     """
 
-    families = ("adam", "adam_mini")
+    native_ops = ("adamw_", "adam_mini_")
     clipped_branches = frozenset({"adamw"})
+    elementwise_branches = frozenset({"adamw"})
 
-    def __init__(
-        self, params, lr=0.004, betas=(0.9, 0.98), eps=1e-10, weight_decay=0.1, max_grad_norm=1.0, **options
-    ):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_grad_norm=None,
+                 **options):
         self.block_counts = head_blocks(params) if isinstance(params, nn.Module) else {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
         super().__init__(params, defaults, **options)
 
-    @staticmethod
-    def branch_of(kind: str) -> str:
+    @classmethod
+    def branch_of(cls, kind: str) -> str:
         return "adamw" if kind in _ADAMW_KINDS else "mini"
 
     def n_blocks(self, param: torch.Tensor) -> int:
@@ -80,5 +80,9 @@ class AdamMini(BaseOptimizer):
     def update(self, work: list[GroupWork]) -> None:
         scales = self.clip_scales(work)
         for item in work:
-            family = "adam_mini" if item.group["branch"] == "mini" else "adam"
-            run_moments_core(self, family, item, item.grads, scales.get(item.index))
+            group = item.group
+            beta1, beta2 = group["betas"]
+            core = adam_mini_ if group["branch"] == "mini" else adam_
+            core(item.params, item.grads, item.state_list("exp_avg"), item.state_list("exp_avg_sq"),
+                 item.state_list("step"), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                 weight_decay=decay_of(group), grad_scale=scales.get(item.index), fused=self.fused)

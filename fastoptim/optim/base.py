@@ -1,17 +1,23 @@
-"""The base every fastoptim optimizer stands on: construction, validation, clipping and the fused/pure switch.
+"""The base every fastoptim optimizer stands on: construction, validation, clipping and the fused switch.
 
 A subclass declares its defaults, its state (``state_shapes``) and its update (``update``); the base does the rest
 of a step, in an order that keeps bad input harmless:
 
 1. ``prepare_step`` checks every group's hyperparameters, every gradient and every existing state tensor, and
    (optionally) that the gradients are finite. Any error is raised here, naming the parameter, before anything is
-   written. Only then is state created for parameters that have none.
+   written. Only then is state created for parameters that have none. Zero-size parameters are skipped.
 2. ``update(work)`` (the subclass) computes clip scales with ``clip_scales`` where the spec puts the clip and calls
-   its functional cores (``self.functional(family, tensors)``), which update parameters and state in place.
+   its family's functional entries (fastoptim.optim.functional.<family>), passing ``fused=self.fused``; each entry
+   picks the native kernel or the pure-torch core with one visible condition and updates parameters and state in
+   place.
 
 Hyperparameters live in param groups (torch convention); a group built from an nn.Module also carries
 ``names``, ``branch`` and ``weight_decay_mask`` (see routing.param_groups). Weight decay applies only where
 ``weight_decay_mask`` is True (the default for groups given as tensors), as ``w ← w − lr·(u + λ·w)``.
+
+Step counters (state["step"], 0-dim float32) live on the parameter's device, so that the kernels read them there and
+a step can be captured in a CUDA graph; optimizers whose schedule is decided on the host keep them on the CPU
+(``host_steps``).
 """
 
 import math
@@ -21,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastoptim.optim import functional
+from fastoptim import ops
+from fastoptim.optim.functional.common import clip_scale
 from fastoptim.optim.routing import param_groups
 
 # Group keys that are not optimizer options: set by routing, by torch (param_names) or by LR schedulers.
@@ -47,6 +54,14 @@ def check_lr(value) -> str | None:
         return f"must be a float or a 0-dim tensor, got {type(value).__name__}"
     if not math.isfinite(value) or value < 0:
         return "must be finite and ≥ 0"
+    return None
+
+
+def check_max_norm(value) -> str | None:
+    if value is None:
+        return None
+    if not _is_real_number(value) or not math.isfinite(value) or value < 0:
+        return "must be None (no clipping) or a finite number ≥ 0"
     return None
 
 
@@ -86,7 +101,7 @@ COMMON_HPARAM_RULES: Mapping[str, Callable] = {
     "betas": check_betas,
     "eps": check_nonnegative,
     "weight_decay": check_nonnegative,
-    "max_grad_norm": check_nonnegative,
+    "max_grad_norm": check_max_norm,
 }
 
 
@@ -114,18 +129,39 @@ class BaseOptimizer(torch.optim.Optimizer):
     """torch.optim.Optimizer plus fastoptim's conventions; see the module docstring.
 
     Args (keyword-only, shared by every subclass):
-        fused: None (default) uses the native op of each family when one is available for all its tensors, else
-            pure torch; True requires the native ops (a clear error otherwise); False always runs pure torch.
+        fused: None (default) runs each family's native kernels where they take its tensors, else pure torch; True
+            requires the native kernels (a clear error naming the op otherwise, at construction where the parameters
+            already tell); False always runs pure torch.
         check_finite: False (default), "warn" or "raise"/True: look for NaN/inf gradients before each step (one
             host sync) and warn, or raise before anything is written, naming the parameters.
         overrides: for an nn.Module, glob patterns over parameter names → kind (routing.named_kinds).
     """
 
     hparam_rules: Mapping[str, Callable] = COMMON_HPARAM_RULES
-    # The functional families this optimizer calls; fused=True checks them all at construction.
-    families: tuple[str, ...] = ()
-    # Which branches max_grad_norm clips (None: every group). Split optimizers clip their elementwise branch only.
+    # The benchmark's flat hyperparameter names (grid presets, paper_hparams) that differ from the constructor's:
+    # name → argument, or (argument, index) for one entry of a tuple argument.
+    flat_keys: Mapping[str, str | tuple[str, int]] = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
+    # The torch.ops.fastoptim ops this optimizer's native path calls; fused=True checks them at construction.
+    native_ops: tuple[str, ...] = ()
+    # Whether state["step"] stays on the CPU (a schedule decided on the host) instead of the parameter's device.
+    host_steps: bool = False
+    # Capabilities the trainer reads instead of optimizer names:
+    # which branches max_grad_norm clips (None: every group; split optimizers clip their elementwise branch only);
     clipped_branches: frozenset[str] | None = None
+    # whether each parameter can be stepped on its own by one owner rank (ZeRO-1 and FSDP2's owner stepping, with the
+    # clip from the global norm over ranks); False where the random draws span all parameters of the optimizer;
+    shardable: bool = True
+    # the branches whose update of an element reads only that element (and the global clip factor), so that each
+    # shard of a parameter steps on its own (FSDP2 steps them on the local shards, without gathering);
+    elementwise_branches: frozenset[str] = frozenset()
+    # whether a step needs a Hessian-vector product (``update_hessian(loss)`` on the steps where ``hessian_due``);
+    needs_hvp: bool = False
+    # whether a whole step() can be captured in a CUDA graph and replayed (given lr as a device tensor): no host read
+    # of a device value and the same kernels every step.
+    capturable: bool = True
+    # Set by a wrapper that steps each rank's share of the parameters (fastoptim.optim.distributed): the clip factor
+    # per max_grad_norm from the global norm over every rank's share. None: this process holds every clipped tensor.
+    global_clip_scales: Mapping[float, torch.Tensor] | None = None
 
     def __init__(self, params, defaults: dict, *, fused=None, check_finite=False, overrides=None, **unknown):
         if unknown:
@@ -141,14 +177,23 @@ class BaseOptimizer(torch.optim.Optimizer):
         self.check_finite = "raise" if check_finite is True else check_finite
         super().__init__(param_groups(params, self.branch_of, overrides), defaults)
         if fused:
-            for family in self.families:
-                self.functional(family, [p for g in self.param_groups for p in g["params"]])
+            self.check_native([p for g in self.param_groups for p in g["params"]])
+
+    def check_native(self, params: list[torch.Tensor]) -> None:
+        """fused=True: raise now, naming the op, if a native op of this optimizer cannot take these parameters."""
+        for op in self.native_ops:
+            ops.use_native(True, op, params)
 
     # ---- construction --------------------------------------------------------------------------------------
-    @staticmethod
-    def branch_of(kind: str) -> str:
+    @classmethod
+    def branch_of(cls, kind: str) -> str:
         """The branch a parameter kind goes to (routing.KINDS); split optimizers override it."""
         return "default"
+
+    @classmethod
+    def clips_kind(cls, kind: str) -> bool:
+        """Whether max_grad_norm's global norm covers parameters of this routing kind."""
+        return cls.clipped_branches is None or cls.branch_of(kind) in cls.clipped_branches
 
     def add_param_group(self, param_group: dict) -> None:
         index = len(self.param_groups)
@@ -189,13 +234,25 @@ class BaseOptimizer(torch.optim.Optimizer):
         other tensors have the parameter's dtype and device and start at zero."""
         raise NotImplementedError
 
+    def step_device(self, param: torch.Tensor) -> torch.device:
+        return torch.device("cpu") if self.host_steps else param.device
+
     def init_state(self, group: dict, param: torch.Tensor) -> dict:
         return {
-            key: torch.zeros((), dtype=torch.float32)
+            key: torch.zeros((), dtype=torch.float32, device=self.step_device(param))
             if key == "step"
             else torch.zeros(shape, dtype=param.dtype, device=param.device)
             for key, shape in self.state_shapes(group, param).items()
         }
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch keeps a loaded "step" where it was saved (usually the CPU); ours belong beside their parameters.
+        for group in self.param_groups:
+            for param in group["params"]:
+                step = self.state.get(param, {}).get("step")
+                if isinstance(step, torch.Tensor):
+                    self.state[param]["step"] = step.to(device=self.step_device(param), dtype=torch.float32)
 
     def check_state(self, group: dict, param: torch.Tensor, state: dict, label: str) -> None:
         """Raise if an existing state does not fit `param` (a state loaded for another model, a moved parameter)."""
@@ -236,7 +293,7 @@ class BaseOptimizer(torch.optim.Optimizer):
             self._check_hparams(group, index)
             item = GroupWork(group, index, [], [], [], [])
             for position, param in enumerate(group["params"]):
-                if param.grad is None:
+                if param.grad is None or param.numel() == 0:  # nothing to update in a zero-size parameter
                     continue
                 label = self.param_label(group, index, position)
                 self.check_grad(param, param.grad, label)
@@ -275,23 +332,31 @@ class BaseOptimizer(torch.optim.Optimizer):
         that share a max_grad_norm share one global norm, so the usual single value clips the whole set together.
         """
         tensors_of = tensors_of or (lambda item: item.grads)
-        by_limit: dict[float, list[GroupWork]] = {}
-        for item in work:
-            if self.clipped_branches is None or item.group["branch"] in self.clipped_branches:
-                by_limit.setdefault(item.group.get("max_grad_norm", 0.0), []).append(item)
         scales = {}
-        for limit, items in by_limit.items():
-            tensors = [t for item in items for t in tensors_of(item)]
+        for limit, items in self.clip_sets(work).items():
             # The native reduction wherever it takes the tensors, also under fused=True: the clip is not one of the
-            # optimizer's own families, and either path gives the same factor up to float rounding.
-            clip = functional.select("clip_scale", tensors, None if self.fused is not False else False)
-            scale = clip(tensors, limit)
+            # optimizer's own ops, and either path gives the same factor up to float rounding.
+            if self.global_clip_scales is not None:
+                scale = self.global_clip_scales[limit]
+            else:
+                scale = clip_scale([t for item in items for t in tensors_of(item)], limit,
+                                   fused=None if self.fused is not False else False)
             scales.update((item.index, scale) for item in items)
         return scales
 
-    def functional(self, family: str, tensors: list[torch.Tensor]) -> Callable:
-        """The core of `family` for these tensors: native (fused) or pure torch, per the `fused` switch."""
-        return functional.select(family, tensors, self.fused)
+    def clip_tensors(self, items: list[GroupWork]) -> list[torch.Tensor]:
+        """The tensors of one clip set whose global norm max_grad_norm bounds (a sharded step sums their squares over
+        ranks): the gradients; an optimizer that clips something else says so here."""
+        return [g for item in items for g in item.grads]
+
+    def clip_sets(self, work: list[GroupWork]) -> dict[float, list[GroupWork]]:
+        """The clipped groups by their max_grad_norm: each set shares one global norm (off: None or 0)."""
+        by_limit: dict[float, list[GroupWork]] = {}
+        for item in work:
+            limit = item.group.get("max_grad_norm")
+            if limit and (self.clipped_branches is None or item.group["branch"] in self.clipped_branches):
+                by_limit.setdefault(limit, []).append(item)
+        return by_limit
 
     def update(self, work: list[GroupWork]) -> None:
         raise NotImplementedError

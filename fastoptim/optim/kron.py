@@ -15,6 +15,8 @@ from fastoptim.optim.base import (
     decay_of,
 )
 from fastoptim.optim.functional.blocks import BlockLayout, concat, packed_state
+from fastoptim.optim.functional.common import apply_update_
+from fastoptim.optim.functional.kron import kron_balance_, kron_precondition, kron_update_preconditioner_
 
 DAMPING = math.sqrt(torch.finfo(torch.float32).eps)  # √eps of float32 (bf16's is too large)
 BLOCK_RMS_LIMIT = 1.1
@@ -76,7 +78,9 @@ class Kron(BaseOptimizer):
     per parameter in group order on update steps; the generators, the step and the counters are part of the
     state dict, so a resumed run draws what an uninterrupted one would.
 
-    Args:
+    Not capturable in one CUDA graph: whether a step updates the preconditioner is decided on the host.
+
+    Args (defaults: Levanter's PSGD-Kron, which the benchmark ran, except no clipping):
         params: an nn.Module (the paper's decay mask) or tensors / param groups.
         lr: learning rate (default 1e-3).
         betas: (β1, β2): β1 is the momentum; β2 is unused and accepted so that the flat beta1/beta2 keys of the
@@ -90,12 +94,15 @@ class Kron(BaseOptimizer):
         init_scale: the factors' initial scale (default 1.0).
         max_size_triangular: larger dims get diagonal factors (default 25000).
         merge_dims_target: target size of merged small dims, 0 = no merging (default 8192).
-        max_grad_norm: global-norm clip, 0 = off; skipped when normalize_grads (default 1.0).
+        max_grad_norm: global-norm clip, None = off; skipped when normalize_grads (default None).
         seed: seed of the generators that draw V (default 0).
         fused, check_finite, overrides: see BaseOptimizer.
     """
 
-    families = ("kron_update_preconditioner", "kron_precondition", "kron_balance", "apply_update")
+    native_ops = ("kron_update_preconditioner_", "kron_precondition", "kron_balance_", "decoupled_update_")
+    shardable = False
+    capturable = False
+    host_steps = True  # the preconditioner schedule is decided on the host
     hparam_rules = {
         **COMMON_HPARAM_RULES,
         "block_size": check_positive_int,
@@ -110,7 +117,7 @@ class Kron(BaseOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.0), weight_decay=0.1, block_size=256, normalize_grads=False,
                  precond_lr=0.1, precond_update_prob_min=0.05, precond_update_flat_start=500, init_scale=1.0,
-                 max_size_triangular=25000, merge_dims_target=8192, max_grad_norm=1.0, *, seed=0, fused=None,
+                 max_size_triangular=25000, merge_dims_target=8192, max_grad_norm=None, *, seed=0, fused=None,
                  check_finite=False, overrides=None):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed: must be an integer, got {seed!r}")
@@ -239,14 +246,13 @@ class Kron(BaseOptimizer):
             qs = [packed_state([item.states[i] for i in idx], f"Q{axis}") for axis in range(len(block))]
             m = concat([blocks[i] for i in idx]) * _per_block([corrections[i] for i in idx],
                                                              [blocks[i].shape[0] for i in idx], len(block), device)
-            params = [item.params[i] for i in idx]
             if due:
                 if balance:
-                    self.functional("kron_balance", params)(qs)
-                self.functional("kron_update_preconditioner", params)(
-                    m, qs, diagonal, concat([noise[i] for i in idx]),
-                    torch.cat([damping[i].expand(blocks[i].shape[0]) for i in idx]), precond_lr=group["precond_lr"])
-            out = self.functional("kron_precondition", params)(m, qs, diagonal)
+                    kron_balance_(qs, fused=self.fused)
+                kron_update_preconditioner_(m, qs, diagonal, concat([noise[i] for i in idx]),
+                                            torch.cat([damping[i].expand(blocks[i].shape[0]) for i in idx]),
+                                            precond_lr=group["precond_lr"], fused=self.fused)
+            out = kron_precondition(m, qs, diagonal, fused=self.fused)
             for i, u in zip(idx, out.split([layouts[i].num_blocks for i in idx])):
                 directions[i] = layouts[i].from_blocks(u).to(item.params[i].dtype)
         # u ← u/max(1, rms(u)/1.1) per parameter
@@ -254,8 +260,7 @@ class Kron(BaseOptimizer):
                                     [1 / (BLOCK_RMS_LIMIT * math.sqrt(max(u.numel(), 1))) for u in directions])
         torch._foreach_clamp_min_(limits, 1.0)
         torch._foreach_div_(directions, limits)
-        self.functional("apply_update", item.params)(item.params, directions, lr=group["lr"],
-                                                     weight_decay=decay_of(group))
+        apply_update_(item.params, directions, lr=group["lr"], weight_decay=decay_of(group), fused=self.fused)
 
 
 def _per_block(values: list[float], counts: list[int], block_ndim: int, device: torch.device):

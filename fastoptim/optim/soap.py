@@ -7,6 +7,8 @@ import torch
 
 from fastoptim.optim.base import COMMON_HPARAM_RULES, BaseOptimizer, GroupWork, check_beta, check_positive_int, decay_of
 from fastoptim.optim.functional.blocks import BlockLayout, concat, packed_state
+from fastoptim.optim.functional.common import apply_update_
+from fastoptim.optim.functional.soap import soap_init_, soap_step_
 
 
 def _check_merge_target(value):
@@ -37,25 +39,31 @@ class Soap(BaseOptimizer):
     sorted by diag(QᵀGG Q) (v permuted to match) → GG_i ← lerp(GG_i, G_(i)G_(i)ᵀ, 1−shampoo_beta) →
     w ← w − lr·(u + λw). t counts the initial step.
 
-    Args:
+    Args (defaults: the SOAP authors' reference implementation for what it shares, Levanter's blocked Soap, which the
+    benchmark ran, for the blocks):
         params: an nn.Module (the paper's decay mask) or tensors / param groups.
         lr: learning rate (default 3e-3).
-        betas: Adam (β1, β2) (default (0.95, 0.99)).
-        shampoo_beta: EMA factor of the Kronecker statistics (default 0.95).
+        betas: Adam (β1, β2) (default (0.95, 0.95)).
+        shampoo_beta: EMA factor of the Kronecker statistics (default 0.95, the reference's β2).
         eps: ε of the Adam denominator and of the initial eigendecomposition (default 1e-8).
-        weight_decay: decoupled decay λ (default 0.1).
+        weight_decay: decoupled decay λ (default 0.01).
         precondition_frequency: steps between eigenbasis refreshes (default 10).
         block_size: block size B (default 256).
         max_precond_dim: dims at least this large are not rotated (default 10000).
         merge_dims_target: target size of merged small dims, 0 = no merging (default 2048).
-        max_grad_norm: global-norm clip over all parameters, 0 = off (default 1.0).
+        max_grad_norm: global-norm clip over all parameters, None = off (default None).
         fused, check_finite, overrides: see BaseOptimizer.
+
+    Not capturable in one CUDA graph: the first step and the refresh steps differ from the others, decided on the
+    host.
 
     State per parameter, in the block layout (num_blocks, *block): exp_avg, exp_avg_sq, and per rotated block
     axis i: GG{i} and Q{i} (num_blocks, b_i, b_i).
     """
 
-    families = ("soap_init", "soap_step", "apply_update")
+    native_ops = ("soap_gram_", "soap_eigenbasis_", "soap_rotated_adam_", "soap_refresh_", "decoupled_update_")
+    capturable = False
+    host_steps = True  # the first step and the refresh steps are decided on the host
     hparam_rules = {
         **COMMON_HPARAM_RULES,
         "shampoo_beta": check_beta,
@@ -65,9 +73,9 @@ class Soap(BaseOptimizer):
         "merge_dims_target": _check_merge_target,
     }
 
-    def __init__(self, params, lr=3e-3, betas=(0.95, 0.99), shampoo_beta=0.95, eps=1e-8, weight_decay=0.1,
+    def __init__(self, params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=0.95, eps=1e-8, weight_decay=0.01,
                  precondition_frequency=10, block_size=256, max_precond_dim=10000, merge_dims_target=2048,
-                 max_grad_norm=1.0, *, fused=None, check_finite=False, overrides=None):
+                 max_grad_norm=None, *, fused=None, check_finite=False, overrides=None):
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, block_size=block_size,
                         max_precond_dim=max_precond_dim, merge_dims_target=merge_dims_target,
@@ -89,6 +97,7 @@ class Soap(BaseOptimizer):
         return shapes
 
     def update(self, work: list[GroupWork]) -> None:
+        self._check_factorisation_inputs(work)
         scales = self.clip_scales(work)
         for item in work:
             group, scale = item.group, scales.get(item.index)
@@ -99,6 +108,37 @@ class Soap(BaseOptimizer):
                 batches[(layout.block, layout.special, p.dtype, p.device, int(item.states[i]["step"]))].append(i)
             for (block, special, *_, done), idx in batches.items():
                 self._batch_step(item, grads, idx, len(block), done + 1)
+
+    def _check_factorisation_inputs(self, work: list[GroupWork]) -> None:
+        """Before anything is written: the eigendecomposition of the first step and the QR of a refresh step fail
+        (or silently yield garbage) on non-finite input, which a NaN/inf gradient puts there. Check those inputs on
+        the steps that factorise (one host sync on those steps only) and name the parameters."""
+        checks = []  # (item, position, tensors to check, what they are)
+        for item in work:
+            freq = item.group["precondition_frequency"]
+            for i, (grad, state) in enumerate(zip(item.grads, item.states)):
+                step = int(state["step"]) + 1
+                if step == 1:
+                    checks.append((item, i, [grad], "gradient"))
+                elif step % freq == 0:
+                    checks.append((item, i, [v for k, v in state.items() if k.startswith("GG")], "statistics"))
+        checks = [c for c in checks if c[2]]
+        if not checks:
+            return
+        finite = torch.stack([torch.stack([t.isfinite().all() for t in tensors]).all().cpu()
+                              for _, _, tensors, _ in checks]).tolist()
+        bad = [(item, i, what) for (item, i, _, what), ok in zip(checks, finite) if not ok]
+        if not bad:
+            return
+        for item in work:  # state made by this step's prepare_step did not exist before it: leave none behind
+            for param, state in zip(item.params, item.states):
+                if int(state["step"]) == 0:
+                    del self.state[param]
+        names = ", ".join(f"{self.param_label(item.group, item.index, item.positions[i])} (non-finite {what})"
+                          for item, i, what in bad)
+        raise FloatingPointError(
+            f"Soap: {names}: the eigenbasis cannot be computed from non-finite values. Pass check_finite='raise' (or "
+            "'warn') to stop at the first non-finite gradient; parameters and optimizer state are untouched")
 
     def _batch_step(self, item: GroupWork, grads: list[torch.Tensor], idx: list[int], ndim: int, step: int) -> None:
         group = item.group
@@ -111,17 +151,15 @@ class Soap(BaseOptimizer):
         ggs = [batched.get(f"GG{a}") for a in range(ndim)]
         qs = [batched.get(f"Q{a}") for a in range(ndim)]
         if step == 1:
-            self.functional("soap_init", params)(grad_batch, ggs, qs, shampoo_beta=group["shampoo_beta"],
-                                                 eps=group["eps"])
+            soap_init_(grad_batch, ggs, qs, shampoo_beta=group["shampoo_beta"], eps=group["eps"], fused=self.fused)
             directions = [torch.zeros_like(p) for p in params]
         else:
             beta1, beta2 = group["betas"]
-            soap_step = self.functional("soap_step", params)
-            out = soap_step(grad_batch, batched["exp_avg"], batched["exp_avg_sq"], ggs, qs, step=step, beta1=beta1,
-                            beta2=beta2, shampoo_beta=group["shampoo_beta"], eps=group["eps"],
-                            refresh=step % group["precondition_frequency"] == 0)
+            out = soap_step_(grad_batch, batched["exp_avg"], batched["exp_avg_sq"], ggs, qs, step=step, beta1=beta1,
+                             beta2=beta2, shampoo_beta=group["shampoo_beta"], eps=group["eps"],
+                             refresh=step % group["precondition_frequency"] == 0, fused=self.fused)
             sizes = [lay.num_blocks for lay in layouts]
             directions = [lay.from_blocks(u) for lay, u in zip(layouts, out.split(sizes))]
         for s in states:
             s["step"] += 1
-        self.functional("apply_update", params)(params, directions, lr=group["lr"], weight_decay=decay_of(group))
+        apply_update_(params, directions, lr=group["lr"], weight_decay=decay_of(group), fused=self.fused)

@@ -1,15 +1,19 @@
-"""torchrun support: process group setup, DDP or FSDP2 wrapping, and full (unsharded) state dicts for checkpoints.
+"""torchrun support: process group setup, the three modes, and the tensors a checkpoint holds under each.
 
 Under torchrun (WORLD_SIZE > 1) each rank gets batch_size / world_size sequences of every global batch (see
-data/loader.py), so the run computes the same global-batch gradient as a single process.
+data/loader.py), so the run computes the same global-batch gradient as a single process. Modes:
 
-FSDP2 (`fully_shard` per transformer block, then the root) shards parameters and gradients. Optimizers step through
-`OwnerStepper`: every parameter has one owner rank, which gathers its gradient, runs the optimizer on the whole tensor
-(Muon and Scion need whole matrices for Newton-Schulz) and scatters the result back into the shards. Parameters that
-one gradient clip covers share an owner, so the clip sees its whole set: for Muon, Scion and Adam-mini the matrices
-(never clipped) spread over ranks and the rest sits on rank 0; for the other optimizers everything sits on rank 0
-unless clipping is off (max_grad_norm=0). Soap and Kron precondition and clip all parameters jointly: they are
-refused under FSDP2 (use DDP).
+- ddp: DistributedDataParallel; every rank holds and steps the whole optimizer.
+- zero1: DDP plus fastoptim.ZeroRedundancy: each rank holds and steps its share of the optimizer state (whole
+  tensors by state bytes) and broadcasts its updated parameters (fastoptim/optim/distributed.py).
+- fsdp: FSDP2 (`fully_shard` per transformer block, then the root) shards parameters and gradients. Optimizers step
+  through `OwnerStepper`: every parameter has one owner rank (the same assignment as ZeRO-1), which receives the
+  whole gradient, runs the optimizer on the whole tensor (Muon and Scion need whole matrices for Newton–Schulz) and
+  scatters the result back into the shards. The clip uses the global norm over all owners, so clipped parameters
+  spread like the rest.
+
+Optimizers that cannot shard by parameter (Kron: its noise draws span all parameters) run under ddp only; SophiaH,
+whose Hessian-vector product bypasses the gradient reduction, on one process only.
 """
 
 import os
@@ -20,12 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastoptim.optim.routing import named_kinds
+from fastoptim.optim.distributed import (OwnedShareStepper, ZeroRedundancy, assign_owners, check_shardable,
+                                         held_state_bytes, state_bytes_of)
+from fastoptim.train import checkpoint as ckpt
 
-# benchmark-spec §1: these clip only their AdamW/signum branch, never the hidden matrices.
-UNCLIPPED_MATRIX_OPTIMIZERS = ("muon", "scion", "mini")
-UNSHARDABLE_OPTIMIZERS = ("soap", "kron")  # not under FSDP2
-
+MODES = ("single", "ddp", "zero1", "fsdp")
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -92,12 +95,29 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def mean_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+def sum_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.distributed:
         value = value.detach().clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= env.world_size
     return value
+
+
+def min_over_ranks(value: int, env: DistEnv) -> int:
+    if not env.distributed:
+        return value
+    tensor = torch.tensor(value, device=env.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor)
+
+
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    """The L2 norm of all `tensors` together, read back to the host (one sync); FSDP2's sharded DTensors are reduced
+    over their mesh."""
+    if not tensors:
+        return 0.0
+    norms = [torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in tensors]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms)).item()
 
 
 def barrier(env: DistEnv) -> None:
@@ -105,140 +125,306 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def spreadable(kind: str, optimizer: str, clipping: bool) -> bool:
-    """Whether a parameter of this routing kind may have an owner of its own (no clip must see it with others)."""
-    return not clipping or (kind == "matrix" and optimizer in UNCLIPPED_MATRIX_OPTIMIZERS)
+def run_mode(world_size: int, zero1: bool, fsdp: bool) -> str:
+    if zero1 and fsdp:
+        raise ValueError("zero1 and fsdp: choose one (FSDP2 already shards the optimizer state)")
+    if world_size == 1:
+        return "single"
+    return "fsdp" if fsdp else "zero1" if zero1 else "ddp"
 
 
-def assign_owners(named_sizes: list[tuple[str, int, bool]], world_size: int) -> list[int]:
-    """Owner rank per (name, size, spreadable) parameter: the others all on rank 0, so that their gradient clip sees
-    every one of them; the spreadable ones greedily to the least-loaded rank, largest first."""
-    load = [0] * world_size
-    owners = [0] * len(named_sizes)
-    for _, size, spread in named_sizes:
-        if not spread:
-            load[0] += size
-    for i in sorted(range(len(named_sizes)), key=lambda i: -named_sizes[i][1]):
-        if named_sizes[i][2]:
-            owners[i] = min(range(world_size), key=lambda r: load[r])
-            load[owners[i]] += named_sizes[i][1]
-    return owners
+def check_mode(mode: str, optimizer) -> None:
+    """Before any work, on every rank: refuse an optimizer that cannot run in `mode`, saying why."""
+    if mode in ("zero1", "fsdp"):
+        check_shardable(optimizer, f"mode {mode}")
 
 
-class OwnerStepper:
-    """An optimizer over an FSDP2 model: each rank runs it on the parameters it owns, whole.
+def per_rank(value: int, env: DistEnv) -> list[int]:
+    """`value` of every rank, in rank order."""
+    if not env.distributed:
+        return [value]
+    values = [None] * env.world_size
+    dist.all_gather_object(values, value)
+    return values
 
-    The optimizer is built over a "shadow" copy of the model whose owned parameters are full tensors and whose other
-    parameters stay on the meta device (no memory; their gradients stay None, so the optimizer skips them). A step
-    all-gathers each gradient (the owner keeps it), steps the shadow, then scatters each owner's updated matrix back
-    into the FSDP shards. The optimizer state is thus split over ranks by ownership.
+
+def optimizer_state_bytes(optimizer) -> int:
+    return optimizer.state_bytes() if isinstance(optimizer, OwnedShareStepper) else held_state_bytes(optimizer)
+
+
+def build_sharded_optimizer(mode: str, model: nn.Module, optimizer_of: Callable[[nn.Module], torch.optim.Optimizer],
+                            make_shadow: Callable[[], nn.Module], env: DistEnv):
+    """The optimizer of `mode` over the wrapped `model`."""
+    if mode == "fsdp":
+        return OwnerStepper(model, make_shadow, optimizer_of, env)
+    optimizer = optimizer_of(unwrap(model))
+    return ZeroRedundancy(optimizer) if mode == "zero1" else optimizer
+
+
+class OwnerStepper(OwnedShareStepper):
+    """An optimizer over an FSDP2 model (1-D mesh, parameters sharded on dim 0).
+
+    Parameters of the optimizer's elementwise branches (``elementwise_branches``: AdamW, NAdamW, Mars and Lion
+    whole; the AdamW/signum branches of Muon, Scion and Adam-mini) step in place on the local shards: no gather, and
+    each rank holds 1/world of their state. Every other parameter (matrices of Muon, Scion and Adam-mini; everything
+    of Cautious and Soap, whose updates read whole tensors) has one owner rank, assigned by state bytes as under
+    ZeRO-1: its gradient's shards are gathered to the owner alone (one `gather` per parameter, issued together; not
+    yet one all-to-all per shape bucket), the owner steps the whole tensor, and its new value is scattered back into
+    the shards. The optimizer is built over a "shadow" module holding the local shards (sharing the model's storage),
+    the owned whole tensors and, for parameters owned elsewhere, meta tensors (no memory; no gradient, so skipped).
+    The clip is the global norm over all shards and owners (one all-reduce).
     """
 
     def __init__(self, model: nn.Module, make_shadow: Callable[[], nn.Module],
-                 build: Callable[[nn.Module], torch.optim.Optimizer], spread: Callable[[str], bool], env: DistEnv):
+                 build: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv):
         self.model, self.env = model, env
         self.params = list(model.named_parameters())
-        kinds = {name: kind for name, _, kind in named_kinds(model)}
-        self.owners = assign_owners([(n, p.numel(), spread(kinds[n])) for n, p in self.params], env.world_size)
+        mesh = check_fsdp_params(self.params)
+        self.process_group = mesh.get_group()
         with torch.device("meta"):
             self.shadow = make_shadow()
-        for i, whole in self._whole_owned_params():
-            module_name, _, leaf = self.params[i][0].rpartition(".")
-            setattr(self.shadow.get_submodule(module_name), leaf, nn.Parameter(whole.clone()))
+        probe = build(self.shadow)  # over meta tensors: the routing and the state shapes, for free
+        check_shardable(probe, "mode fsdp")
+        branch = {name: group["branch"] for group in probe.param_groups for name in group["names"]}
+        self.local = {name for name, _ in self.params if branch[name] in probe.elementwise_branches}
+        costs = dict(zip((n for group in probe.param_groups for n in group["names"]), state_bytes_of(probe)))
+        whole = [name for name, _ in self.params if name not in self.local]
+        self.owner = dict(zip(whole, assign_owners([costs[name] for name in whole], env.world_size)))
+        gathered = self._gather_to_owners([(name, param.to_local()) for name, param in self.params
+                                           if name not in self.local])
+        for name, param in self.params:
+            module_name, _, leaf = name.rpartition(".")
+            if name in self.local:  # the same storage as the model's shard: a step writes the model directly
+                value = nn.Parameter(param.to_local(), requires_grad=param.requires_grad)
+            elif name in gathered:
+                value = nn.Parameter(gathered[name], requires_grad=param.requires_grad)
+            else:
+                continue
+            setattr(self.shadow.get_submodule(module_name), leaf, value)
         shadow_params = dict(self.shadow.named_parameters())
         self.shadow_params = [shadow_params[name] for name, _ in self.params]
-        self.optimizer = build(self.shadow)
+        optimizer = build(self.shadow)
+        positions = [name for group in optimizer.param_groups for name in group["names"]]
+        params = dict(self.params)
+        # torch position → the model's DTensor, for state held as local shards (checkpoints wrap it as DTensors)
+        self.sharded_state = {k: params[name] for k, name in enumerate(positions) if name in self.local}
+        held = [k for k, name in enumerate(positions) if name in self.local or self.owner[name] == env.rank]
+        super().__init__(optimizer, held, how="mode fsdp")
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
+    def _gather_to_owners(self, locals_: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Each named local shard gathered into its whole tensor on its owner (every rank calls it): name → whole
+        tensor, for this rank's names."""
+        world, params = self.env.world_size, dict(self.params)
+        pending = []
+        for name, local in locals_:
+            shape = params[name].shape
+            rows = -(-shape[0] // world)  # FSDP2's dim-0 chunk; the last shards may be shorter or empty
+            padded = local.new_zeros((rows, *shape[1:]))
+            padded[:local.shape[0]] = local
+            owner = self.owner[name]
+            parts = [torch.empty_like(padded) for _ in range(world)] if owner == self.env.rank else None
+            handle = dist.gather(padded, parts, dst=dist.get_global_rank(self.process_group, owner),
+                                 group=self.process_group, async_op=True)
+            pending.append((name, shape, parts, handle))
+        wholes = {}
+        for name, shape, parts, handle in pending:
+            handle.wait()
+            if parts is not None:
+                wholes[name] = torch.cat(parts)[:shape[0]]
+        return wholes
 
-    def _whole_owned_params(self) -> list[tuple[int, torch.Tensor]]:
-        """(index, whole tensor) of this rank's parameters. Every rank must call it: it all-gathers each one."""
-        with torch.no_grad():
-            wholes = [(i, param.full_tensor()) for i, (_, param) in enumerate(self.params)]
-        return [(i, whole) for i, whole in wholes if self.owners[i] == self.env.rank]
+    def _scatter_from_owners(self) -> None:
+        """Each owner's updated whole tensor back into every rank's shard (every rank calls it)."""
+        world = self.env.world_size
+        pending = []
+        for i, (name, param) in enumerate(self.params):
+            if name in self.local:
+                continue
+            local = param.to_local()
+            rows = -(-param.shape[0] // world)
+            received = local.new_empty((rows, *param.shape[1:]))
+            parts = None
+            if self.owner[name] == self.env.rank:
+                padded = local.new_zeros((rows * world, *param.shape[1:]))
+                padded[:param.shape[0]] = self.shadow_params[i].detach()
+                parts = list(padded.split(rows))
+            handle = dist.scatter(received, parts, src=dist.get_global_rank(self.process_group, self.owner[name]),
+                                  group=self.process_group, async_op=True)
+            pending.append((local, received, handle))
+        for local, received, handle in pending:
+            handle.wait()
+            local.copy_(received[:local.shape[0]])
 
     @torch.no_grad()
     def sync_from_model(self) -> None:
-        """Owned shadow parameters := the model's (after the model loaded a checkpoint)."""
-        for i, whole in self._whole_owned_params():
-            self.shadow_params[i].copy_(whole)
+        """The shadow's tensors := the model's (after the model loaded a checkpoint)."""
+        gathered = self._gather_to_owners([(name, param.to_local()) for name, param in self.params
+                                           if name not in self.local])
+        for i, (name, param) in enumerate(self.params):
+            if name in self.local:
+                self.shadow_params[i].copy_(param.to_local())
+            elif name in gathered:
+                self.shadow_params[i].copy_(gathered[name])
 
     @torch.no_grad()
     def step(self) -> None:
-        from torch.distributed.tensor import distribute_tensor
-
-        for i, (_, param) in enumerate(self.params):
-            full_grad = param.grad.full_tensor()
-            if self.owners[i] == self.env.rank:
-                self.shadow_params[i].grad = full_grad
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        for i, (_, param) in enumerate(self.params):
-            owned = self.owners[i] == self.env.rank
-            source = self.shadow_params[i] if owned else torch.empty(param.shape, dtype=param.dtype,
-                                                                         device=param.to_local().device)
-            shard = distribute_tensor(source.detach(), param.device_mesh, param.placements,
-                                      src_data_rank=self.owners[i])
-            param.to_local().copy_(shard.to_local())
+        for i, (name, param) in enumerate(self.params):
+            if name in self.local and param.grad is not None:
+                self.shadow_params[i].grad = param.grad.to_local()
+        gathered = self._gather_to_owners([(name, param.grad.to_local()) for name, param in self.params
+                                           if name not in self.local and param.grad is not None])
+        for i, (name, _) in enumerate(self.params):
+            if name in gathered:
+                self.shadow_params[i].grad = gathered[name]
+        try:
+            self.step_owned(self.env.device)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        for i, (name, param) in enumerate(self.params):
+            if name in self.local and param.to_local().data_ptr() != self.shadow_params[i].data_ptr():
+                param.to_local().copy_(self.shadow_params[i])  # FSDP2 moved the shard's storage
+        self._scatter_from_owners()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        """The whole optimizer state, merged from every owner (a collective call)."""
-        own = self.optimizer.state_dict()
-        parts = [None] * self.env.world_size
-        dist.all_gather_object(parts, _to_cpu(own["state"]))
-        merged = {}
-        for part in parts:
-            merged.update(part)
-        return {"state": merged, "param_groups": own["param_groups"]}
+        raise NotImplementedError("OwnerStepper holds state as local shards: save it through DCP "
+                                  "(fastoptim.train.distributed.checkpoint_tensors), not as one state_dict")
 
-    def load_state_dict(self, state: dict) -> None:
-        """Load the whole optimizer state; each rank keeps only its own parameters' entries."""
-        # torch numbers the state by position over the param groups; meta parameters belong to other ranks.
-        in_group_order = [p for group in self.optimizer.param_groups for p in group["params"]]
-        owned = {k for k, p in enumerate(in_group_order) if not p.is_meta}
-        self.optimizer.load_state_dict({"state": {k: s for k, s in state["state"].items() if k in owned},
-                                        "param_groups": state["param_groups"]})
+    def load_state_dict(self, state_dict: dict) -> None:
+        raise NotImplementedError("OwnerStepper loads its state through DCP (restore_checkpoint)")
 
 
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
+def check_fsdp_params(params: list[tuple[str, torch.Tensor]]):
+    """The one 1-D device mesh every parameter is sharded over on dim 0; a clear error naming the first parameter
+    that is not (on every rank alike: the model is the same)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = None
+    for name, param in params:
+        if not isinstance(param, DTensor):
+            raise ValueError(f"parameter {name!r} is not a DTensor: fully_shard every parameter of the model")
+        if param.device_mesh.ndim != 1:
+            raise ValueError(f"parameter {name!r} is on a {param.device_mesh.ndim}-D device mesh "
+                             f"{tuple(param.device_mesh.shape)}: mode fsdp steps 1-D meshes only (no HSDP or "
+                             f"tensor parallelism)")
+        if tuple(param.placements) != (Shard(0),):
+            raise ValueError(f"parameter {name!r} has placements {tuple(param.placements)}: mode fsdp expects "
+                             f"FSDP2's (Shard(dim=0),)")
+        if mesh is None:
+            mesh = param.device_mesh
+        elif param.device_mesh != mesh:
+            raise ValueError(f"parameter {name!r} is on another device mesh than {params[0][0]!r}: one optimizer "
+                             f"steps over one mesh")
+    return mesh
 
 
-def full_state(model: nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts of whole (unsharded) tensors; a collective call under FSDP2."""
-    if not fsdp:
-        return unwrap(model).state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+def _model_tensors(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The model's state dict as this rank holds it: FSDP2's DTensor shards, else the whole (replicated) tensors."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if isinstance(optimizer, OwnerStepper):
-        return get_model_state_dict(model, options=options), optimizer.state_dict()
-    return get_state_dict(model, optimizer, options=options)
+        return get_model_state_dict(model)
+    return unwrap(model).state_dict()
 
 
-def load_full_state(model: nn.Module, optimizer, fsdp: bool, model_state: dict, optimizer_state: dict) -> None:
-    if not fsdp:
-        unwrap(model).load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+def _local_optimizer(optimizer) -> tuple[torch.optim.Optimizer, dict]:
+    """(the optimizer that holds this rank's state, its state_dict: this rank's share, torch's numbering)."""
+    if isinstance(optimizer, OwnedShareStepper):
+        return optimizer.optimizer, optimizer.local_state_dict()
+    return optimizer, optimizer.state_dict()
 
-    options = StateDictOptions(full_state_dict=True)
-    if isinstance(optimizer, OwnerStepper):
-        set_model_state_dict(model, model_state, options=options)
+
+def _position_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    return [name for group in optimizer.param_groups for name in group["names"]]
+
+
+def checkpoint_tensors(model: nn.Module, optimizer, fsdp: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """(this rank's tensors under rank-independent names, the optimizer's non-tensor rest: param groups and extras)."""
+    tensors = {f"model.{name}": value for name, value in _model_tensors(model, fsdp).items()}
+    local, state = _local_optimizer(optimizer)
+    names = _position_names(local)
+    for position, entries in state["state"].items():
+        for key, value in entries.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {names[position]!r}[{key!r}] is not a tensor: DCP checkpoints "
+                                f"hold tensor state only")
+            tensors[f"optimizer.{names[position]}.{key}"] = _as_saved(optimizer, position, value)
+    return tensors, {key: value for key, value in state.items() if key != "state"}
+
+
+def _sharded_like(optimizer, position: int):
+    """The model's DTensor whose local shard this state position is (FSDP2's elementwise branches), else None."""
+    return optimizer.sharded_state.get(position) if isinstance(optimizer, OwnerStepper) else None
+
+
+def _local_part(value: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def _as_saved(optimizer, position: int, value: torch.Tensor) -> torch.Tensor:
+    """A state tensor as DCP must see it: a local shard as the DTensor it is a shard of (so that it reshards)."""
+    param = _sharded_like(optimizer, position)
+    if param is None or value.ndim == 0:
+        return value
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def check_model_fits(saved: dict[str, tuple], model: nn.Module, fsdp: bool, path) -> None:
+    """Raise, naming what differs, unless the checkpoint's model tensors are this model's (names and shapes)."""
+    ours = {f"model.{name}": tuple(value.shape) for name, value in _model_tensors(model, fsdp).items()}
+    theirs = {name: shape for name, (shape, _) in saved.items() if name.startswith("model.")}
+    problems = [f"{name[6:]} is {theirs[name]} there, {shape} here" for name, shape in ours.items()
+                if name in theirs and theirs[name] != shape]
+    problems += [f"{name[6:]} is missing there" for name in ours if name not in theirs]
+    problems += [f"{name[6:]} is not in this model" for name in theirs if name not in ours]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"checkpoint {path} holds another model: {shown}. Nothing was loaded")
+
+
+def restore_checkpoint(checkpoint: dict, model: nn.Module, optimizer, fsdp: bool) -> None:
+    """Load the model and this rank's optimizer share from a checkpoint of any world size and mode (a collective
+    call). The model's fit is checked first, so a checkpoint of another model changes nothing."""
+    path, saved = checkpoint["path"], checkpoint["tensors"]
+    check_model_fits(saved, model, fsdp, path)
+    model_tensors = _model_tensors(model, fsdp)
+    local, _ = _local_optimizer(optimizer)
+    held = optimizer.held if isinstance(optimizer, OwnedShareStepper) else range(len(_position_names(local)))
+    names = _position_names(local)
+    wanted = {}  # torch position → {key: empty tensor of the saved shape}
+    for position in held:
+        prefix = f"optimizer.{names[position]}."
+        for name, (shape, dtype) in saved.items():
+            if name.startswith(prefix) and "." not in name[len(prefix):]:
+                param = _sharded_like(optimizer, position)
+                local_shape = shape if param is None or not shape else param.to_local().shape
+                empty = torch.empty(local_shape, dtype=dtype, device="cpu" if param is None else param.device)
+                wanted.setdefault(position, {})[name[len(prefix):]] = _as_saved(optimizer, position, empty)
+    ckpt.load_tensors(path, {**{f"model.{name}": value for name, value in model_tensors.items()},
+                             **{f"optimizer.{names[pos]}.{key}": value
+                                for pos, entries in wanted.items() for key, value in entries.items()}})
+    wanted = {pos: {key: _local_part(value) for key, value in entries.items()} for pos, entries in wanted.items()}
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, model_tensors)
         optimizer.sync_from_model()
-        optimizer.load_state_dict(optimizer_state)
-        return
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=options)
+    else:
+        unwrap(model).load_state_dict(model_tensors)
+    local.load_state_dict({**checkpoint["optimizer"], "state": wanted})
+
+
+def full_model_state(model: nn.Module, fsdp: bool) -> dict:
+    """The model's state dict of whole tensors on the CPU (a collective call under FSDP2)."""
+    if not fsdp:
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

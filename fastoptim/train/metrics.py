@@ -1,5 +1,6 @@
-"""Run records: config.json, metrics.jsonl (one line per step, val_loss on evaluation steps), and optionally
-TensorBoard or wandb when installed and asked for."""
+"""Run records: config.json, metrics.jsonl (one line per log step and per evaluation step, val_loss on the
+latter; the fields are listed where loop.py builds them), and optionally TensorBoard or wandb when installed and
+asked for. result.json is written by loop.py when the run ends."""
 
 import importlib.util
 import json

@@ -1,29 +1,19 @@
-"""The Adam moments and the direction u = m̂/(√v̂ + ε), with the variants built around them:
-NAdamW (Nesterov numerator), Cautious (sign-agreement mask) and Mars (variance-reduced input gradient)."""
+"""The Adam moments and the direction u = m̂/(√v̂ + ε), with the variants built around them: NAdamW (Nesterov
+numerator), Cautious (sign-agreement mask) and Mars (variance-reduced input gradient). Benchmark-spec §1.1–§1.4.
 
-import math
+Each entry (`adam_`, `mars_`, `mars_clip_scale`) picks the native kernel or the pure-torch core with one visible
+condition; both compute the same function on the same state.
+"""
 
 import torch
 
-from fastoptim.optim.functional.common import advance, apply_update_, scaled
+from fastoptim import ops
+from fastoptim.optim.functional.common import advance, apply_update_, bias_corrections, clip_scale, scaled
 
 
-def adam_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    *,
-    lr,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    grad_scale: torch.Tensor | None = None,
-    nesterov: bool = False,
-    cautious: bool = False,
-) -> None:
+def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1: float, beta2: float, eps: float,
+          weight_decay: float, grad_scale=None, nesterov: bool = False, cautious: bool = False,
+          fused: bool | None = None) -> None:
     """One AdamW step (benchmark-spec §1.1), NAdamW with ``nesterov`` (§1.2), Cautious with ``cautious`` (§1.4).
 
     m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;  u = m̂/(√v̂ + ε) with m̂ = m/(1−β1^t), v̂ = v/(1−β2^t).
@@ -32,28 +22,45 @@ def adam_(
     """
     if not params:
         return
+    advance(steps)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
+                 nesterov=nesterov)
+    if ops.use_native(fused, "cautious_adamw_" if cautious else "adamw_", params):
+        _adam_native(params, grads, exp_avgs, exp_avg_sqs, steps, cautious=cautious, **hyper)
+    else:
+        _adam_torch(params, grads, exp_avgs, exp_avg_sqs, steps, cautious=cautious, **hyper)
+
+
+def _adam_native(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, grad_scale,
+                 nesterov, cautious):
+    op = torch.ops.fastoptim.cautious_adamw_ if cautious else torch.ops.fastoptim.adamw_
+    op(params, grads, exp_avgs, exp_avg_sqs, ops.device_scalar(lr, params[0].device), steps, beta1, beta2, eps,
+       weight_decay, nesterov, grad_scale)
+
+
+def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, grad_scale,
+                nesterov, cautious):
     grads = scaled(grads, grad_scale)
-    t = advance(steps)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
     updates = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(updates, [math.sqrt(1 - beta2**k) for k in t])
+    torch._foreach_div_(updates, torch._foreach_sqrt(bias_corrections(beta2, steps)))
     torch._foreach_add_(updates, eps)
+    bias1 = bias_corrections(beta1, steps)
     if nesterov:
-        numerators = torch._foreach_mul(exp_avgs, [beta1 / (1 - beta1 ** (k + 1)) for k in t])
-        torch._foreach_add_(numerators, torch._foreach_mul(grads, [(1 - beta1) / (1 - beta1**k) for k in t]))
+        numerators = torch._foreach_div(torch._foreach_mul(exp_avgs, beta1), bias_corrections(beta1, steps, 1))
+        torch._foreach_add_(numerators, torch._foreach_div(torch._foreach_mul(grads, 1 - beta1), bias1))
     else:
-        numerators = torch._foreach_div(exp_avgs, [1 - beta1**k for k in t])
+        numerators = torch._foreach_div(exp_avgs, bias1)
     torch._foreach_div_(numerators, updates)
-    updates = numerators
     if cautious:
-        cautious_mask_(updates, grads, eps)
-    apply_update_(params, updates, lr=lr, weight_decay=weight_decay)
+        _cautious_mask_(numerators, grads, eps)
+    apply_update_(params, numerators, lr=lr, weight_decay=weight_decay, fused=False)
 
 
-def cautious_mask_(updates: list[torch.Tensor], grads: list[torch.Tensor], eps: float) -> None:
+def _cautious_mask_(updates, grads, eps: float) -> None:
     """u ← u·mask/(mean(mask) + ε) with mask = 1[u·g > 0], per tensor."""
     masks = [torch.gt(ug, 0).to(ug.dtype) for ug in torch._foreach_mul(updates, grads)]
     means = [mask.mean() for mask in masks]
@@ -61,17 +68,38 @@ def cautious_mask_(updates: list[torch.Tensor], grads: list[torch.Tensor], eps: 
     torch._foreach_div_(updates, torch._foreach_add(means, eps))
 
 
-def mars_correction(
-    grads: list[torch.Tensor], prev_grads: list[torch.Tensor], *, gamma: float, beta1: float
-) -> list[torch.Tensor]:
-    """Mars's corrected gradient c = g + γ·β1/(1−β1)·(g − g_prev) (§1.3), as new tensors; then g_prev ← g.
+# ---- Mars ------------------------------------------------------------------------------------------------------
+def mars_clip_scale(grads, prev_grads, *, gamma: float, beta1: float, max_norm: float | None,
+                    fused: bool | None = None):
+    """The global-norm clip factor of Mars's corrected gradient c = g + γ·β1/(1−β1)·(g − g_prev) (its only clip),
+    or None when there is nothing to clip."""
+    if not max_norm or not grads:
+        return None
+    if ops.use_native(fused, "mars_clip_scale", grads):
+        return torch.ops.fastoptim.mars_clip_scale(grads, prev_grads, gamma, beta1, max_norm)
+    return clip_scale(mars_correction(grads, prev_grads, gamma, beta1), max_norm, fused=False)
 
-    The caller clips c by its global norm and feeds it to ``adam_`` as the gradient.
-    """
-    if not grads:
-        return []
+
+def mars_(params, grads, prev_grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1: float, beta2: float, eps: float,
+          gamma: float, weight_decay: float, grad_scale=None, fused: bool | None = None) -> None:
+    """Mars (benchmark-spec §1.3): AdamW on c = grad_scale·(g + γ·β1/(1−β1)·(g − g_prev)), then g_prev ← g."""
+    if not params:
+        return
+    advance(steps)
+    if ops.use_native(fused, "mars_adamw_", params):
+        torch.ops.fastoptim.mars_adamw_(params, grads, prev_grads, exp_avgs, exp_avg_sqs,
+                                        ops.device_scalar(lr, params[0].device), steps, beta1, beta2, eps,
+                                        weight_decay, gamma, grad_scale)
+    else:
+        corrected = mars_correction(grads, prev_grads, gamma, beta1)
+        torch._foreach_copy_(prev_grads, grads)
+        _adam_torch(params, corrected, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                    weight_decay=weight_decay, grad_scale=grad_scale, nesterov=False, cautious=False)
+
+
+def mars_correction(grads, prev_grads, gamma: float, beta1: float) -> list[torch.Tensor]:
+    """c = g + γ·β1/(1−β1)·(g − g_prev), as new tensors."""
     corrected = torch._foreach_sub(grads, prev_grads)
     torch._foreach_mul_(corrected, gamma * beta1 / (1 - beta1))
     torch._foreach_add_(corrected, grads)
-    torch._foreach_copy_(prev_grads, grads)
     return corrected

@@ -1,26 +1,13 @@
 """Adam-mini (benchmark-spec §1.6): Adam's first moment, one second moment per block of a parameter."""
 
-import math
-
 import torch
 
-from fastoptim.optim.functional.common import advance, apply_update_, scaled
+from fastoptim import ops
+from fastoptim.optim.functional.common import advance, apply_update_, bias_corrections, scaled
 
 
-def adam_mini_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    *,
-    lr,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    grad_scale: torch.Tensor | None = None,
-) -> None:
+def adam_mini_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1: float, beta2: float, eps: float,
+               weight_decay: float, grad_scale=None, fused: bool | None = None) -> None:
     """Adam with a blockwise v. ``exp_avg_sqs[i]`` has shape (n_blocks,): params[i], flattened row-major, is cut
     into n_blocks equal contiguous blocks (rows of an out-first matrix, or groups of rows such as one head).
 
@@ -28,20 +15,27 @@ def adam_mini_(
     """
     if not params:
         return
+    advance(steps)
+    if ops.use_native(fused, "adam_mini_", params):
+        torch.ops.fastoptim.adam_mini_(params, grads, exp_avgs, exp_avg_sqs, ops.device_scalar(lr, params[0].device),
+                                       steps, beta1, beta2, eps, weight_decay, grad_scale)
+    else:
+        _adam_mini_torch(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                         grad_scale)
+
+
+def _adam_mini_torch(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, grad_scale):
     grads = scaled(grads, grad_scale)
-    t = advance(steps)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     block_means = [_blocks(g, v.shape[0]).square().mean(dim=1) for g, v in zip(grads, exp_avg_sqs)]
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_add_(exp_avg_sqs, block_means, alpha=1 - beta2)
     denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denominators, [math.sqrt(1 - beta2**k) for k in t])
+    torch._foreach_div_(denominators, torch._foreach_sqrt(bias_corrections(beta2, steps)))
     torch._foreach_add_(denominators, eps)
-    torch._foreach_mul_(denominators, [1 - beta1**k for k in t])  # folds the bias correction of m
-    updates = [
-        (_blocks(m, d.shape[0]) / d.unsqueeze(1)).reshape(m.shape) for m, d in zip(exp_avgs, denominators)
-    ]
-    apply_update_(params, updates, lr=lr, weight_decay=weight_decay)
+    torch._foreach_mul_(denominators, bias_corrections(beta1, steps))  # folds the bias correction of m
+    updates = [(_blocks(m, d.shape[0]) / d.unsqueeze(1)).reshape(m.shape) for m, d in zip(exp_avgs, denominators)]
+    apply_update_(params, updates, lr=lr, weight_decay=weight_decay, fused=False)
 
 
 def _blocks(x: torch.Tensor, n_blocks: int) -> torch.Tensor:

@@ -1,13 +1,14 @@
-"""PSGD-Kron's preconditioner math on a batch of same-shape blocks (benchmark-spec §1.9), pure torch.
+"""PSGD-Kron's preconditioner math on a batch of same-shape blocks (benchmark-spec §1.9).
 
-A block batch is (n, *block); per block axis the Kronecker factor is either upper triangular (n, b, b) or
-diagonal (n, b) (`diagonal[axis]`). Factors are updated in place; a native op may replace each function with the
-same signature.
+A block batch is (n, *block), float32; per block axis the Kronecker factor is either upper triangular (n, b, b) or
+diagonal (n, b) (`diagonal[axis]`; the native ops read it from the factor's shape). Factors are float32 whatever the
+parameters' dtype, and are updated in place.
 """
 
 import torch
 from torch import Tensor
 
+from fastoptim import ops
 from fastoptim.optim.functional.blocks import along, unfold_gram
 
 
@@ -37,8 +38,11 @@ def norm_lower_bound(a: Tensor) -> Tensor:
     return torch.where(nonzero, bound, 0.0)
 
 
-def kron_balance_(qs: list[Tensor]) -> None:
+def kron_balance_(qs: list[Tensor], *, fused: bool | None = None) -> None:
     """Rescale each block's factors to the geometric mean of their max-abs norms (the product is unchanged)."""
+    if ops.use_native(fused, "kron_balance_", qs):
+        torch.ops.fastoptim.kron_balance_(qs)
+        return
     norms = torch.stack([q.abs().flatten(1).amax(-1) for q in qs])  # (factors, n)
     target = norms.log().mean(0).exp()
     for q, norm in zip(qs, norms):
@@ -46,7 +50,7 @@ def kron_balance_(qs: list[Tensor]) -> None:
 
 
 def kron_update_preconditioner_(grads: Tensor, qs: list[Tensor], diagonal: tuple[bool, ...], noise: Tensor,
-                                damping: Tensor, *, precond_lr: float) -> None:
+                                damping: Tensor, *, precond_lr: float, fused: bool | None = None) -> None:
     """One preconditioner step from G (the momentum blocks) and V ~ N(0, I) (`noise`, like G).
 
     G ← G + damping·V (damping: one factor per block, (n,)); A = Q·G along every axis; conjB = V with each
@@ -55,6 +59,11 @@ def kron_update_preconditioner_(grads: Tensor, qs: list[Tensor], diagonal: tuple
     Q_i ← Q_i − precond_lr/‖term1+term2‖·triu(term1−term2)·Q_i with ‖·‖ the spectral-norm lower bound
     (diagonal factors: the elementwise terms and max|term1+term2|).
     """
+    grads = grads.contiguous()
+    if ops.use_native(fused, "kron_update_preconditioner_", [grads]):
+        torch.ops.fastoptim.kron_update_preconditioner_(grads, qs, noise.contiguous(), damping.contiguous(),
+                                                        precond_lr)
+        return
     ndim = grads.ndim - 1
     a = grads + damping.view(-1, *[1] * ndim) * noise
     conj = noise
@@ -80,8 +89,12 @@ def kron_update_preconditioner_(grads: Tensor, qs: list[Tensor], diagonal: tuple
             q.sub_(step[:, None, None] * (torch.triu(term1 - term2) @ q))
 
 
-def kron_precondition(grads: Tensor, qs: list[Tensor], diagonal: tuple[bool, ...]) -> Tensor:
+def kron_precondition(grads: Tensor, qs: list[Tensor], diagonal: tuple[bool, ...], *,
+                      fused: bool | None = None) -> Tensor:
     """(Q_1ᵀQ_1 ⊗ Q_2ᵀQ_2 ⊗ …)·G for each block (diagonal factors: q²·G along their axis)."""
+    grads = grads.contiguous()
+    if ops.use_native(fused, "kron_precondition", [grads]):
+        return torch.ops.fastoptim.kron_precondition(grads, qs)
     ndim = grads.ndim - 1
     out = grads
     for axis, (q, diag) in enumerate(zip(qs, diagonal)):

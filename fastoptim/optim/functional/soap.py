@@ -1,8 +1,10 @@
-"""Soap's math on a batch of same-shape blocks (benchmark-spec §1.10), pure torch.
+"""Soap's math on a batch of same-shape blocks (benchmark-spec §1.10).
 
 Every tensor here is a batch: gradients and moments (n, *block); per block axis a Kronecker statistic GG and an
-eigenbasis Q, each (n, b, b), or None for an axis that is not rotated. All updates are in place; a native op may
-replace each function with the same signature.
+eigenbasis Q, each (n, b, b), or None for an axis that is not rotated. All updates are in place.
+
+The native ops take float32 batches of 2-D blocks (B, m, n); a 1-D block is the matrix (B, m, 1) whose unit axis is
+not rotated. Blocks of more than two axes (never met in the paper's models) and other dtypes run on the pure core.
 """
 
 import math
@@ -10,7 +12,23 @@ import math
 import torch
 from torch import Tensor
 
+from fastoptim import ops
 from fastoptim.optim.functional.blocks import along, unfold_gram
+
+
+def _use_native(fused: bool | None, op: str, grads: Tensor) -> bool:
+    unsupported = None if grads.dtype == torch.float32 and grads.ndim <= 3 else (
+        f"takes float32 batches of 1-D or 2-D blocks, not {grads.dtype} blocks of shape {tuple(grads.shape[1:])}")
+    return ops.use_native(fused, op, [grads], unsupported=unsupported)
+
+
+def _as_matrices(x: Tensor) -> Tensor:
+    return x.unsqueeze(-1) if x.ndim == 2 else x
+
+
+def _sides(per_axis: list) -> tuple:
+    """(left, right) of a per-block-axis list of one or two entries."""
+    return per_axis[0], per_axis[1] if len(per_axis) > 1 else None
 
 
 def _rotate(x: Tensor, qs: list[Tensor | None], back: bool = False) -> Tensor:
@@ -22,9 +40,17 @@ def _rotate(x: Tensor, qs: list[Tensor | None], back: bool = False) -> Tensor:
 
 
 def soap_init_(grads: Tensor, ggs: list[Tensor | None], qs: list[Tensor | None], *, shampoo_beta: float,
-               eps: float) -> None:
+               eps: float, fused: bool | None = None) -> None:
     """The first step: GG_i ← (1−shampoo_beta)·G_(i)G_(i)ᵀ and Q_i ← eigenvectors of GG_i + eps·I, by descending
     eigenvalue. (The step's update is zero; the moments are untouched.)"""
+    grads = grads.contiguous()
+    if _use_native(fused, "soap_eigenbasis_", grads):
+        gg_left, gg_right = _sides(ggs)
+        torch.ops.fastoptim.soap_gram_(gg_left, gg_right, _as_matrices(grads), 0.0, 1 - shampoo_beta)
+        for gg, q in zip(ggs, qs):
+            if gg is not None:
+                torch.ops.fastoptim.soap_eigenbasis_(q, gg, eps)
+        return
     for axis, (gg, q) in enumerate(zip(ggs, qs)):
         if gg is None:
             continue
@@ -36,7 +62,7 @@ def soap_init_(grads: Tensor, ggs: list[Tensor | None], qs: list[Tensor | None],
 
 def soap_step_(grads: Tensor, exp_avgs: Tensor, exp_avg_sqs: Tensor, ggs: list[Tensor | None],
                qs: list[Tensor | None], *, step: int, beta1: float, beta2: float, shampoo_beta: float, eps: float,
-               refresh: bool) -> Tensor:
+               refresh: bool, fused: bool | None = None) -> Tensor:
     """One later step; returns the bias-corrected direction u (n, *block), in the original basis.
 
     m ← β1·m + (1−β1)·g (original basis); v ← β2·v + (1−β2)·(Qᵀg)² (eigenbasis);
@@ -44,6 +70,10 @@ def soap_step_(grads: Tensor, exp_avgs: Tensor, exp_avg_sqs: Tensor, ggs: list[T
     statistics of before this step: columns sorted by diag(QᵀGG Q) descending (v permuted to match), Q ← QR(GG·Q).
     Finally GG_i ← lerp(GG_i, G_(i)G_(i)ᵀ, 1−shampoo_beta).
     """
+    grads = grads.contiguous()
+    if _use_native(fused, "soap_rotated_adam_", grads):
+        return _soap_step_native(grads, exp_avgs, exp_avg_sqs, ggs, qs, step, beta1, beta2, shampoo_beta, eps,
+                                 refresh)
     exp_avgs.lerp_(grads, 1 - beta1)
     rotated = _rotate(grads, qs)
     exp_avg_sqs.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
@@ -56,6 +86,19 @@ def soap_step_(grads: Tensor, exp_avgs: Tensor, exp_avg_sqs: Tensor, ggs: list[T
         if gg is not None:
             gg.lerp_(unfold_gram(grads, axis), 1 - shampoo_beta)
     return direction
+
+
+def _soap_step_native(grads, exp_avgs, exp_avg_sqs, ggs, qs, step, beta1, beta2, shampoo_beta, eps, refresh):
+    g = _as_matrices(grads)
+    exp_avg_sq = _as_matrices(exp_avg_sqs)
+    (q_left, q_right), (gg_left, gg_right) = _sides(qs), _sides(ggs)
+    bias_correction = ops.device_scalar(math.sqrt(1 - beta2**step) / (1 - beta1**step), grads.device)
+    direction = torch.ops.fastoptim.soap_rotated_adam_(g, _as_matrices(exp_avgs), exp_avg_sq, q_left, q_right,
+                                                       bias_correction, beta1, beta2, eps)
+    if refresh:  # from the statistics of before this step
+        torch.ops.fastoptim.soap_refresh_(exp_avg_sq, q_left, q_right, gg_left, gg_right)
+    torch.ops.fastoptim.soap_gram_(gg_left, gg_right, g, shampoo_beta, 1 - shampoo_beta)
+    return direction.view(grads.shape)
 
 
 def _refresh_eigenbases_(exp_avg_sqs: Tensor, ggs: list[Tensor | None], qs: list[Tensor | None]) -> None:

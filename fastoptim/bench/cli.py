@@ -5,8 +5,9 @@
 Per benchmark: the fastest round's time, its ratio to the reference measured in the same run (a copy of the same
 bytes, or a matmul of the same FLOPs), the achieved rate as % of that reference (the practical floor), and for our
 backends the speedup over each peer of the same group. `--save DIR` keeps the run as DIR/<device>/baseline.json
-(`--save bench/results` records this device's baseline; `--merge` adds a partial run to it); `--compare` checks the run against the saved baseline
-like bench/compare.py and exits 1 on a regression. The suite lives in a source checkout's bench/ folder.
+(`--save bench/results` records this device's baseline; `--merge` adds a partial run to it); `--compare` checks the
+run against the saved baseline like `python -m fastoptim.bench.compare` and exits 1 on a regression. The suites are a
+source checkout's bench/ folder, or the copy a wheel carries.
 """
 
 import argparse
@@ -16,18 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _compare_module():
-    if not (SOURCE_ROOT / "bench" / "compare.py").is_file():
-        raise SystemExit(f"fastoptim bench: needs the bench/ suite of a source checkout; none beside {SOURCE_ROOT}. "
-                         "Run it from a clone installed with `pip install -e .`.")
-    if str(SOURCE_ROOT) not in sys.path:
-        sys.path.insert(0, str(SOURCE_ROOT))
-    from bench import compare
-
-    return compare
+from fastoptim.bench import compare
+from fastoptim.bench.backends import is_ours
 
 
 def _rate(info: dict) -> str:
@@ -79,8 +70,6 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", action="store_true", help="compare with bench/results/<device>/baseline.json")
     parser.add_argument("--threshold", type=float, help="allowed growth of a ratio for --compare (default 0.25)")
     args = parser.parse_args(argv)
-    compare = _compare_module()
-    from bench.backends import is_ours
 
     with tempfile.TemporaryDirectory() as tmp:
         run_file = Path(tmp) / "run.json"

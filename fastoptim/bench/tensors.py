@@ -4,7 +4,7 @@
 import torch
 from torch import nn
 
-from bench.shapes import ShapeSet
+from fastoptim.bench.shapes import ShapeSet
 
 SEED = 0
 

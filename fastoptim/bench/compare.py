@@ -1,11 +1,11 @@
 """The regression check: run the bench suite and compare each benchmark's ratio (its time divided by the reference
-measured in the same run, see bench/timing.py) with the baseline saved for this device,
+measured in the same run, see fastoptim/bench/timing.py) with the baseline saved for this device,
 bench/results/<device>/baseline.json. Exit status 0: no ratio grew by more than the threshold; 1: a regression;
 2: no baseline for this device, or the suite itself failed.
 
-    python bench/compare.py                          # full suite on the default device, threshold 25%
-    python bench/compare.py --quick --threshold 0.5  # CI's subset
-    python bench/compare.py --run my-run.json        # compare a saved run instead of running the suite
+    python -m fastoptim.bench.compare                          # full suite on the default device, threshold 25%
+    python -m fastoptim.bench.compare --quick --threshold 0.5  # CI's subset
+    python -m fastoptim.bench.compare --run my-run.json        # compare a saved run instead of running the suite
 
 A benchmark that regresses is run once more (--retries) and counts as regressed only if it does again: a burst of
 load on a shared machine does not fail the check. Only the standard library is imported here (the suite runs in a
@@ -13,6 +13,7 @@ subprocess), so the logic can be unit-tested and reused by `fastoptim bench --co
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,8 +22,20 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
+PACKAGE = Path(__file__).resolve().parent
+
+
+def suite_root() -> Path:
+    """The folder holding the suites' bench/: a source checkout (beside the fastoptim package), else the copy a
+    wheel carries (fastoptim/bench/suite). Benchmark names are relative to it ("bench/bench_x.py::test_y[...]"), the
+    same in both, so a baseline recorded in one compares with a run from the other."""
+    checkout = PACKAGE.parents[1]
+    if (checkout / "bench" / "conftest.py").is_file():
+        return checkout
+    return PACKAGE / "suite"
+
+
+RESULTS_DIR = suite_root() / "bench" / "results"
 BASELINE_NAME = "baseline.json"
 DEFAULT_THRESHOLD = 0.25
 
@@ -135,9 +148,15 @@ def format_comparison(cmp: Comparison, baseline_file) -> str:
 def run_suite(json_path, device="auto", select=(), keyword=None, quick=False, max_time=None, threads=None,
               extra=()) -> int:
     """Run the bench suite (or the node ids in `select`) in a subprocess, writing pytest-benchmark JSON."""
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        raise ModuleNotFoundError("the bench suite runs under pytest-benchmark: pip install 'fastoptim[bench]'",
+                                  name="pytest_benchmark")
+    root = suite_root()
+    if not (root / "bench" / "conftest.py").is_file():
+        raise FileNotFoundError(f"the bench suites are missing: no {root / 'bench'} (a wheel built without them?)")
     cmd = [sys.executable, "-m", "pytest", *(select or ["bench"]), "-q", "-p", "no:cacheprovider",
-           f"--bench-device={device}", f"--benchmark-json={json_path}", "--benchmark-group-by=group",
-           "--benchmark-columns=min,median,rounds"]
+           f"--rootdir={root}", f"--bench-device={device}", f"--benchmark-json={json_path}",
+           "--benchmark-group-by=group", "--benchmark-columns=min,median,rounds"]
     if keyword:
         cmd += ["-k", keyword]
     if quick:
@@ -147,10 +166,11 @@ def run_suite(json_path, device="auto", select=(), keyword=None, quick=False, ma
     if threads is not None:
         cmd.append(f"--bench-threads={threads}")
     cmd += list(extra)
+    # The suites import fastoptim: the one this module belongs to, wherever the suites are run from.
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE.parents[1]), env.get("PYTHONPATH")]))
     print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode
+    return subprocess.run(cmd, cwd=root, env=env).returncode
 
 
 def check(run_file, threshold, baseline_file=None, results_dir=RESULTS_DIR, rerun=None) -> int:
@@ -176,7 +196,7 @@ def check(run_file, threshold, baseline_file=None, results_dir=RESULTS_DIR, reru
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/compare.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastoptim.bench.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"allowed growth of a ratio before it is a regression (default {DEFAULT_THRESHOLD})")

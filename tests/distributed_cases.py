@@ -1,0 +1,178 @@
+"""Ranks of the distributed tests: one launch runs many cases, each a few steps of a tiny Llama in one mode.
+
+`run_case` is the single-process reference and every rank's body alike: the same model (same seed), the same global
+batches (rank r takes its slice), the optimizer in the given mode; it returns the global mean loss of every step and
+this rank's optimizer-state bytes.
+"""
+
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from fastoptim.models import Llama
+from fastoptim.models.llama import LlamaConfig
+from fastoptim.optim.distributed import ZeroRedundancy
+from fastoptim.optim.paper import paper_hparams
+from fastoptim.optim.registry import build_optimizer
+from fastoptim.train.loop import TRAINER_DEFAULTS
+
+MODEL = LlamaConfig(dim=32, n_layers=2, n_heads=2, intermediate=64, vocab_size=64, seq_len=16)
+BATCH, SEQ = 8, 16
+# Small preconditioner blocks keep Kron and Soap cheap; float32 Newton–Schulz (bf16 would round the ranks' last-bit
+# gradient differences visibly); a clip that binds, so the global-norm clip over ranks is exercised.
+OVERRIDES = {"kron": {"block_size": 16}, "soap": {"block_size": 16}, "muon": {"ns_dtype": "float32"},
+             "scion": {"ns_dtype": "float32"}}
+MAX_GRAD_NORM = 0.5
+# Soap's trajectory in float32 is chaotic under last-bit gradient differences (its first eigenbases come from
+# near-degenerate spectra: in one process a 1e-7 relative gradient perturbation moves the loss by 1e-3 within three
+# steps, whatever eps), so its ranks are compared with one process in float64.
+DTYPES = {"soap": torch.float64}
+
+
+def hparams(name: str) -> dict:
+    h = {k: v for k, v in paper_hparams(name, "130m").items() if k not in TRAINER_DEFAULTS}
+    return {**h, "max_grad_norm": MAX_GRAD_NORM, **OVERRIDES.get(name, {})}
+
+
+def batches(steps: int) -> torch.Tensor:
+    return torch.randint(MODEL.vocab_size, (steps, BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+
+
+def build(name: str, mode: str, rank: int, world_size: int, config: LlamaConfig = MODEL):
+    torch.manual_seed(0)
+    model = Llama(config).to(DTYPES.get(name, torch.float32))
+    if mode == "single":
+        return model, build_optimizer(name, model, hparams(name))
+    if mode in ("ddp", "zero1"):
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = build_optimizer(name, model, hparams(name))
+        return wrapped, ZeroRedundancy(optimizer) if mode == "zero1" else optimizer
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from fastoptim.train.distributed import DistEnv, OwnerStepper
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        env = DistEnv(rank=rank, world_size=world_size)
+        return model, OwnerStepper(model, lambda: Llama(config).to(model.embed_tokens.weight.dtype),
+                                   lambda module: build_optimizer(name, module, hparams(name)), env)
+    raise ValueError(f"mode {mode!r}")
+
+
+def state_bytes(optimizer) -> int:
+    if hasattr(optimizer, "state_bytes"):
+        return optimizer.state_bytes()
+    return sum(v.nbytes for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def run_case(name: str, mode: str, steps: int, rank: int = 0, world_size: int = 1) -> dict:
+    model, optimizer = build(name, mode, rank, world_size)
+    local = BATCH // world_size
+    losses = []
+    for rows in batches(steps):
+        rows = rows[rank * local:(rank + 1) * local]
+        loss = model(rows[:, :-1], rows[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        if world_size > 1:
+            dist.all_reduce(loss)
+            loss /= world_size
+        losses.append(loss.item())
+    return {"losses": losses, "state_bytes": state_bytes(optimizer)}
+
+
+def bad_gradient_case(rank: int, world_size: int) -> dict:
+    """A gradient rank 1 owns turns NaN there under check_finite='raise': every rank must raise, none may update."""
+    torch.manual_seed(0)
+    model = Llama(MODEL)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = ZeroRedundancy(build_optimizer("adamw", model, {"lr": 1e-2, "check_finite": "raise"}))
+    rows = batches(1)[0][:BATCH // world_size]
+    wrapped(rows[:, :-1], rows[:, 1:]).backward()
+    if rank == 1:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params[min(optimizer.held)].grad[0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        optimizer.step()
+    except Exception as error:  # the outcome under test
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        return {"error": f"{type(error).__name__}: {error}", "unchanged": unchanged,
+                "state": len(optimizer.optimizer.state)}
+    return {"error": None}
+
+
+def worker(rank: int, world_size: int, port: int, cases: list, results: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    outcomes = {}
+    try:
+        for case in cases:
+            kind, *args = case
+            try:
+                if kind == "run":
+                    outcomes[case] = run_case(*args, rank=rank, world_size=world_size)
+                elif kind == "bad_gradient":
+                    outcomes[case] = bad_gradient_case(rank, world_size)
+            except Exception:
+                outcomes[case] = {"crash": traceback.format_exc()}
+                raise
+    finally:
+        torch.save(outcomes, f"{results}.{rank}")
+        dist.destroy_process_group()
+
+
+
+class Killed(Exception):
+    """Stands in for a kill: raised on every rank inside the same step."""
+
+
+def train_worker(rank: int, world_size: int, runs: list, results: str) -> None:
+    """One rank of a torchrun-like launch of the trainer: each run (port, config, checkpoint to resume from or None,
+    steps after which to die or None) gets a fresh process group on its own port."""
+    from fastoptim.train import loop, train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    real = loop._forward_backward
+    outcomes = []
+    for port, cfg, resume_from, die_after in runs:
+        os.environ["MASTER_PORT"] = str(port)
+        if resume_from is not None:
+            place_checkpoint(resume_from, cfg.out_dir, rank)
+        calls = []
+
+        def forward_backward(*args, **kwargs):
+            calls.append(1)
+            if die_after is not None and len(calls) > die_after:
+                raise Killed
+            return real(*args, **kwargs)
+
+        loop._forward_backward = forward_backward
+        try:
+            result = train(cfg)
+            outcomes.append({"history": result.history, "final": result.final_val_loss})
+        except Killed:
+            outcomes.append({"killed": True})
+    torch.save(outcomes, f"{results}.{rank}")
+
+
+def place_checkpoint(checkpoint, out_dir, rank: int = 0) -> None:
+    """Copy a checkpoint folder into out_dir/checkpoints, as a killed run leaves it (the first rank to rename wins)."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(out_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(checkpoint, folder / f"tmp{rank}")
+    try:
+        os.rename(folder / f"tmp{rank}", folder / Path(checkpoint).name)
+    except OSError:
+        shutil.rmtree(folder / f"tmp{rank}")

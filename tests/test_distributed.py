@@ -1,0 +1,172 @@
+"""Distributed optimizer steps on CPU with gloo, 2 and 4 processes: each mode matches one process, ZeRO-1 splits the
+state, bad input on one rank stops every rank. Each world size is one launch running every case (distributed_cases)."""
+
+import dataclasses
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import distributed_cases as cases
+from fastoptim.optim.registry import OPTIMIZERS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 10
+# Where each mode applies: DDP takes every optimizer but SophiaH (its Hessian-vector product bypasses DDP's
+# averaging); ZeRO-1 every optimizer that shards by parameter.
+MODES = {
+    "ddp": [n for n, cls in OPTIMIZERS.items() if not cls.needs_hvp],
+    "zero1": [n for n, cls in OPTIMIZERS.items() if cls.shardable and not cls.needs_hvp],
+    "fsdp": [n for n, cls in OPTIMIZERS.items() if cls.shardable and not cls.needs_hvp],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world_size: int, case_list: list, tmp_path) -> list[dict]:
+    results = tmp_path / f"results-{world_size}"
+    # spawn, not fork: a parent that has already run autograd cannot fork autograd's threads.
+    mp.start_processes(cases.worker, args=(world_size, _free_port(), case_list, str(results)), nprocs=world_size,
+                       join=True, start_method="spawn")
+    return [torch.load(f"{results}.{rank}", weights_only=False) for rank in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    names = sorted({n for names in MODES.values() for n in names})
+    return {name: cases.run_case(name, "single", STEPS) for name in names}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_modes_match_one_process_and_zero1_splits_the_state(world_size, single, tmp_path):
+    runs = [("run", name, mode, STEPS) for mode, names in MODES.items() for name in names]
+    outcomes = launch(world_size, runs + [("bad_gradient",)], tmp_path)
+    differ = {}
+    for case in runs:
+        _, name, mode, _ = case
+        for rank, got in enumerate(outcomes):
+            worst = max(abs(a - b) / abs(b) for a, b in zip(got[case]["losses"], single[name]["losses"]))
+            if worst > 1e-5:
+                differ[(name, mode, rank)] = worst
+    assert not differ, sorted(differ.items())
+    for case in runs:
+        _, name, mode, _ = case
+        if mode in ("zero1", "fsdp"):
+            total = single[name]["state_bytes"]
+            held = [got[case]["state_bytes"] for got in outcomes]
+            assert max(held) <= total * (1 / world_size + 0.1), (name, mode, held, total)
+            if mode == "zero1":  # under FSDP2 every rank also counts the step of each parameter it holds a shard of
+                assert sum(held) == total, (name, held, total)
+    for rank, got in enumerate(outcomes):
+        outcome = got[("bad_gradient",)]
+        assert outcome["unchanged"] and outcome["state"] == 0, rank
+        if rank == 1:
+            assert outcome["error"].startswith("FloatingPointError: non-finite gradient in parameter ")
+        else:
+            assert outcome["error"].startswith("RuntimeError: rank 1 refused the optimizer step (FloatingPointError")
+
+
+# ---- the trainer: checkpoints that reshard, and the distributed result record ------------------------------------
+def run_config(folder, cache_dir, **overrides):
+    """A run of a few seconds: tiny model, Muon with its AdamW branch clipped, checkpoints at step 3."""
+    from fastoptim.train import TrainConfig
+
+    fields = dict(model="tiny", optimizer="muon", hparams={"lr": 3e-3, "batch_size": 8, "ns_dtype": "float32"},
+                  seq_len=32, steps=6, eval_every=3, eval_tokens=1024, vocab_size=512, corpus_bytes=200_000,
+                  cache_dir=cache_dir, out_dir=str(folder / "run"), device="cpu", progress=False, log_every=1)
+    return TrainConfig(**{**fields, **overrides})
+
+
+def launch_trainer(world_size, runs, tmp_path):
+    results = tmp_path / f"train-results-{world_size}"
+    runs = [(_free_port(), *run) for run in runs]
+    mp.start_processes(cases.train_worker, args=(world_size, runs, str(results)), nprocs=world_size, join=True,
+                       start_method="spawn")
+    return [torch.load(f"{results}.{rank}", weights_only=False) for rank in range(world_size)]
+
+
+def assert_same_run(got, want):
+    assert [r["step"] for r in got["history"]] == [r["step"] for r in want.history]
+    for a, b in zip(got["history"], want.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5), a["step"]
+    assert got["final"] == pytest.approx(want.final_val_loss, rel=1e-5)
+
+
+def test_checkpoints_reshard_between_world_sizes_and_modes(tmp_path, monkeypatch):
+    """DCP checkpoints: ZeRO-1 on 4 ranks, killed after its step-3 checkpoint, resumes on 2 (FSDP2) and on 1 process;
+    a single-process checkpoint resumes on 4 (ZeRO-1); each matches the unbroken single-process run. The ZeRO-1 run's
+    result.json shows 4 ranks each holding about a quarter of the optimizer state."""
+    from fastoptim.train import loop, train
+
+    cache_dir = str(tmp_path / "cache")
+    unbroken = train(run_config(tmp_path / "unbroken", cache_dir))
+    monkeypatch.setattr(loop, "_forward_backward", _dies_after(loop._forward_backward, 4))
+    with pytest.raises(cases.Killed):
+        train(run_config(tmp_path / "one-killed", cache_dir, checkpoint_every=3))
+    monkeypatch.undo()
+    single_checkpoint = tmp_path / "one-killed" / "run" / "checkpoints" / "step_00000003"
+
+    four = launch_trainer(4, [(run_config(tmp_path / "zero1", cache_dir, zero1=True), None, None),
+                              (run_config(tmp_path / "four-killed", cache_dir, zero1=True, checkpoint_every=3),
+                               None, 4),
+                              (run_config(tmp_path / "one-to-four", cache_dir, zero1=True, resume=True),
+                               single_checkpoint, None)], tmp_path)
+    four_checkpoint = tmp_path / "four-killed" / "run" / "checkpoints" / "step_00000003"
+    two = launch_trainer(2, [(run_config(tmp_path / "four-to-two", cache_dir, fsdp=True, resume=True),
+                              four_checkpoint, None)], tmp_path)
+    cases.place_checkpoint(four_checkpoint, tmp_path / "four-to-one" / "run")
+    one = train(run_config(tmp_path / "four-to-one", cache_dir, resume=True))
+
+    for rank in range(4):
+        assert_same_run(four[rank][0], unbroken)
+        assert four[rank][1] == {"killed": True}
+        assert_same_run(four[rank][2], unbroken)
+    for rank in range(2):
+        assert_same_run(two[rank][0], unbroken)
+    assert_same_run({"history": one.history, "final": one.final_val_loss}, unbroken)
+
+    import json
+
+    record = json.loads((tmp_path / "zero1" / "run" / "result.json").read_text())
+    assert record["world_size"] == 4 and record["mode"] == "zero1" and record["config"]["mode"] == "zero1"
+    total, = unbroken.optimizer_state_bytes
+    held = record["optimizer_state_bytes"]
+    assert len(held) == 4 and sum(held) == total and max(held) <= total * (1 / 4 + 0.1), (held, total)
+
+
+def _dies_after(real, steps):
+    calls = []
+
+    def forward_backward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > steps:
+            raise cases.Killed
+        return real(*args, **kwargs)
+
+    return forward_backward
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path, monkeypatch):
+    from fastoptim.models import get_model_config
+    from fastoptim.train import loop, train
+
+    cache_dir = str(tmp_path / "cache")
+    monkeypatch.setattr(loop, "_forward_backward", _dies_after(loop._forward_backward, 4))
+    with pytest.raises(cases.Killed):
+        train(run_config(tmp_path, cache_dir, checkpoint_every=3))
+    monkeypatch.undo()
+    folder = tmp_path / "run"
+    before = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    # The same run identity over a changed model definition (as after an edit of the code).
+    monkeypatch.setattr(loop, "get_model_config",
+                        lambda name: dataclasses.replace(get_model_config(name), intermediate=128))
+    with pytest.raises(ValueError, match=r"step_00000003 holds another model: layers.0.mlp.gate_proj.weight is "
+                                         r"\(256, 64\) there, \(128, 64\) here"):
+        train(run_config(tmp_path, cache_dir, resume=True))
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
