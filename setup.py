@@ -36,7 +36,7 @@ resolve_cuda_home()
 from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def cuda_decision():
@@ -72,7 +72,10 @@ def extension():
     sources = [os.path.join("csrc", name) for name in ("ops.cpp", "sparse.cpp", "module.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     with_cuda, why_not = cuda_decision()
-    cxx = ["-O3", "-g0", "-fopenmp"]  # -g0: Python's default flags ask for debug info, which triples compile time
+    # -g0: Python's default flags ask for debug info, which triples compile time. -fno-math-errno lets sqrtf become
+    # a vector instruction instead of a call that may set errno, and -fno-trapping-math lets both arms of a select
+    # be computed: neither changes a result, and without them the CPU chunk loops stay scalar.
+    cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         print(f"\n*** fastoptim: building CPU kernels only; CUDA kernels were NOT built ({why_not}). ***\n")

@@ -52,6 +52,45 @@ def test_many_tensors_span_several_launches(device, rng):
         torch.testing.assert_close(p.double(), e)
 
 
+def same_values(actual, expected):
+    """Bitwise equal, except that any NaN matches any NaN (a NaN's payload is not part of the contract)."""
+    both_nan = actual.isnan() & expected.isnan()
+    bits = {2: torch.int16, 4: torch.int32}[actual.element_size()]
+    return bool(((actual.view(bits) == expected.view(bits)) | both_nan).all())
+
+
+# The CPU kernels convert elements with their own branch-free code (csrc/common/multi_tensor.h), so the conversions
+# are tested on every value they can meet, against torch's.
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+def test_every_low_precision_value_survives_the_float32_round_trip(device, param_dtype):
+    every_value = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(param_dtype).to(device)
+    params = [every_value.clone()]
+    # p·(1 − 0) − 0·0 = p exactly, so the result is the value converted to float32 and back.
+    torch.ops.fastoptim.decoupled_update_(params, [torch.zeros(params[0].shape, device=device)],
+                                          scalar(0.0, device), 0.0, 1.0)
+    assert same_values(params[0], every_value)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+def test_float32_results_round_to_nearest_even_like_torch(device, rng, param_dtype):
+    random_bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=rng, dtype=torch.int64)
+    dropped_bits = 16 if param_dtype == torch.bfloat16 else 13  # float32 mantissa bits the type lacks
+    # Values exactly halfway between two neighbours of the low-precision type, and one float32 ulp either side.
+    representable = torch.randn(20_000, generator=rng).to(param_dtype).float()
+    half_ulp = (representable.view(torch.int32) & ~((1 << dropped_bits) - 1)) | (1 << (dropped_bits - 1))
+    ties = torch.cat([half_ulp - 1, half_ulp, half_ulp + 1]).view(torch.float32)
+    finfo = torch.finfo(param_dtype)
+    edges = torch.tensor([finfo.max, finfo.tiny, finfo.smallest_normal / 2 ** (24 - dropped_bits), 65504.0, 65519.99,
+                          65520.0, 3.4e38, float("inf"), float("nan")])
+    targets = torch.cat([random_bits.to(torch.int32).view(torch.float32), ties, edges, -edges])
+    # −0 is left out: 0·1 − (−1)·(−0) is +0 in IEEE arithmetic, so no update can produce it.
+    targets = targets[(targets != 0) | ~targets.signbit()].to(device)
+    params = [torch.zeros(targets.shape, dtype=param_dtype, device=device)]
+    # p = 0·1 − (1·(−1))·u = u exactly in float32, so the result is u rounded to the parameters' dtype.
+    torch.ops.fastoptim.decoupled_update_(params, [targets], scalar(1.0, device), 0.0, -1.0)
+    assert same_values(params[0], targets.to(param_dtype))
+
+
 @pytest.mark.parametrize(
     "make_bad, message",
     [

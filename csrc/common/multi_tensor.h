@@ -20,8 +20,12 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace fastoptim {
 
@@ -53,5 +57,83 @@ C10_HOST_DEVICE inline int64_t chunks_of(int64_t numel) { return (numel + kChunk
 C10_HOST_DEVICE inline int64_t segments_per_chunk(int64_t length) {
   return length >= kChunkSize || length == 0 ? 1 : kChunkSize / length;
 }
+
+// element_cast<To>(x): an element read from or written to a tensor, converted as static_cast converts it (float to
+// bfloat16 and half round to nearest even; NaN stays NaN). On the host the low-precision conversions are written
+// without branches, so that the CPU chunk loops around them vectorise; c10's own conversions branch on NaN and on
+// the half's exponent, which stops GCC's vectoriser. Device code keeps c10's conversions, which the GPU does in one
+// instruction each.
+#if defined(__CUDACC__)
+template <typename To, typename From>
+C10_HOST_DEVICE inline To element_cast(const From& x) {
+  return static_cast<To>(x);
+}
+#else
+namespace element_bits {
+
+inline uint32_t of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+inline float to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float bfloat16_to_float(uint16_t b) { return to_float(static_cast<uint32_t>(b) << 16); }
+
+inline uint16_t float_to_bfloat16(float f) {
+  const uint32_t u = of(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
+// The half's exponent and mantissa moved into a float's bits and rescaled by 2^112 (exact for normals and
+// subnormals alike); an all-ones exponent (inf, NaN) is set to the float's.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu);
+  const uint32_t scaled = of(to_float(magnitude << 13) * 0x1p112f);
+  const uint32_t finite_or_not = magnitude >= 0x7C00u ? (scaled | 0x7F800000u) : scaled;
+  return to_float(finite_or_not | sign);
+}
+
+// Round to nearest even in the three ranges a half has, each computed and the right one selected: overflow to inf
+// (NaN to the quiet NaN 0x7E00), subnormals by adding a magic float whose ulp is the half's smallest subnormal, and
+// normals by rebiasing the exponent and rounding the 13 dropped bits.
+inline uint16_t float_to_half(float f) {
+  const uint32_t u = of(f);
+  const uint32_t sign = u & 0x80000000u;
+  const uint32_t magnitude = u ^ sign;
+  constexpr uint32_t kInf = 0x7F800000u, kHalfOverflow = (127u + 16u) << 23, kNormalMin = 113u << 23;
+  constexpr uint32_t kSubnormalMagic = 126u << 23;  // 0.5: its ulp is 2^-24, the half's smallest subnormal
+  const uint32_t special = magnitude > kInf ? 0x7E00u : 0x7C00u;
+  const uint32_t subnormal = of(to_float(magnitude) + to_float(kSubnormalMagic)) - kSubnormalMagic;
+  const uint32_t normal = (magnitude + 0xC8000FFFu + ((magnitude >> 13) & 1u)) >> 13;  // 0xC8000000: (15 − 127) << 23
+  const uint32_t bits = magnitude >= kHalfOverflow ? special : (magnitude < kNormalMin ? subnormal : normal);
+  return static_cast<uint16_t>(bits | (sign >> 16));
+}
+
+}  // namespace element_bits
+
+// x comes by value: taken by reference, a local it converts has its address taken and GCC stops vectorising.
+template <typename To, typename From>
+inline To element_cast(From x) {
+  using F = From;
+  if constexpr (std::is_same_v<F, c10::BFloat16> && std::is_same_v<To, float>) {
+    return element_bits::bfloat16_to_float(x.x);
+  } else if constexpr (std::is_same_v<F, c10::Half> && std::is_same_v<To, float>) {
+    return element_bits::half_to_float(x.x);
+  } else if constexpr (std::is_same_v<F, float> && std::is_same_v<To, c10::BFloat16>) {
+    return c10::BFloat16(element_bits::float_to_bfloat16(x), c10::BFloat16::from_bits());
+  } else if constexpr (std::is_same_v<F, float> && std::is_same_v<To, c10::Half>) {
+    return c10::Half(element_bits::float_to_half(x), c10::Half::from_bits());
+  } else {
+    return static_cast<To>(x);
+  }
+}
+#endif
 
 }  // namespace fastoptim

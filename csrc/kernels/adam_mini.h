@@ -18,7 +18,7 @@ struct AdamMiniStep {
 
     template <typename P, typename S>
     C10_HOST_DEVICE float reduce(const P&, const P& g, const S&) const {
-      const float gf = s.grad_scale * static_cast<float>(g);
+      const float gf = s.grad_scale * element_cast<float>(g);
       return gf * gf;
     }
 
@@ -26,16 +26,16 @@ struct AdamMiniStep {
     // (1 − β1^t)·(√v̂ + ε) that divides m, the bias correction of m folded in.
     template <typename S>
     C10_HOST_DEVICE float segment(S& v, float sum, int64_t length) const {
-      const float vf = adam.beta2 * static_cast<float>(v) + (1.0f - adam.beta2) * (sum / static_cast<float>(length));
-      v = static_cast<S>(vf);
-      return adam.bias1 * (::sqrtf(static_cast<float>(v)) / adam.sqrt_bias2 + adam.eps);
+      const float vf = adam.beta2 * element_cast<float>(v) + (1.0f - adam.beta2) * (sum / static_cast<float>(length));
+      v = element_cast<S>(vf);
+      return adam.bias1 * (::sqrtf(element_cast<float>(v)) / adam.sqrt_bias2 + adam.eps);
     }
 
     template <typename P, typename S>
     C10_HOST_DEVICE void operator()(float denominator, P& p, const P& g, S& m) const {
-      const float gf = s.grad_scale * static_cast<float>(g);
-      const float mf = static_cast<float>(m) + (1.0f - adam.beta1) * (gf - static_cast<float>(m));
-      m = static_cast<S>(mf);
+      const float gf = s.grad_scale * element_cast<float>(g);
+      const float mf = element_cast<float>(m) + (1.0f - adam.beta1) * (gf - element_cast<float>(m));
+      m = element_cast<S>(mf);
       decoupled_step(p, mf / denominator, s);
     }
   };

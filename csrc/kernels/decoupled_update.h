@@ -20,7 +20,7 @@ struct DecoupledUpdate {
     float step;  // lr·scale
     template <typename P, typename U>
     C10_HOST_DEVICE void operator()(P& p, const U& u) const {
-      p = static_cast<P>(static_cast<float>(p) * keep - step * static_cast<float>(u));
+      p = element_cast<P>(element_cast<float>(p) * keep - step * element_cast<float>(u));
     }
   };
 

@@ -35,7 +35,7 @@ struct GradientValue {
   struct Math {
     template <typename G>
     C10_HOST_DEVICE float operator()(const G& g) const {
-      return static_cast<float>(g);
+      return element_cast<float>(g);
     }
   };
   C10_HOST_DEVICE Math load() const { return {}; }
@@ -48,8 +48,8 @@ struct MarsCorrectedValue {
     float correction;
     template <typename G, typename S>
     C10_HOST_DEVICE float operator()(const G& g, const S& prev) const {
-      const float gf = static_cast<float>(g);
-      return gf + correction * (gf - static_cast<float>(prev));
+      const float gf = element_cast<float>(g);
+      return gf + correction * (gf - element_cast<float>(prev));
     }
   };
   C10_HOST_DEVICE Math load() const { return {correction}; }

@@ -22,8 +22,8 @@ struct LionStep {
     float beta1, beta2;
     template <typename P, typename S>
     C10_HOST_DEVICE void operator()(P& p, const P& g, S& m) const {
-      const float gf = s.grad_scale * static_cast<float>(g), mf = static_cast<float>(m);
-      m = static_cast<S>(lerp(mf, gf, 1.0f - beta2));
+      const float gf = s.grad_scale * element_cast<float>(g), mf = element_cast<float>(m);
+      m = element_cast<S>(lerp(mf, gf, 1.0f - beta2));
       decoupled_step(p, sign_of(lerp(mf, gf, 1.0f - beta1)), s);
     }
   };
@@ -41,9 +41,8 @@ struct SignumStep {
     float beta;
     template <typename P, typename S>
     C10_HOST_DEVICE void operator()(P& p, const P& g, S& buf) const {
-      const S updated = static_cast<S>(lerp(static_cast<float>(buf), s.grad_scale * static_cast<float>(g), 1.0f - beta));
-      buf = updated;
-      decoupled_step(p, sign_of(static_cast<float>(updated)), s);
+      buf = element_cast<S>(lerp(element_cast<float>(buf), s.grad_scale * element_cast<float>(g), 1.0f - beta));
+      decoupled_step(p, sign_of(element_cast<float>(buf)), s);
     }
   };
 
@@ -55,14 +54,16 @@ struct SignumStep {
 struct MomentumMath {
   float beta, grad_weight;  // grad_weight: 1 (heavy ball) or 1 − β (EMA)
   float grad_scale;
-  bool nesterov;
+  int nesterov;  // not bool: a byte-wide flag keeps GCC from vectorising loops whose elements are all 16-bit
 
   template <typename G, typename S>
   C10_HOST_DEVICE float update(const G& g, S& buf) const {
-    const float gf = grad_scale * static_cast<float>(g);
-    const S updated = static_cast<S>(beta * static_cast<float>(buf) + grad_weight * gf);
-    buf = updated;
-    return nesterov ? beta * static_cast<float>(updated) + grad_weight * gf : static_cast<float>(updated);
+    const float gf = grad_scale * element_cast<float>(g);
+    // The buffer is read back after the store, not kept in a local: a local of a 16-bit type copied into memory is
+    // an aggregate copy, which GCC's vectoriser refuses.
+    buf = element_cast<S>(beta * element_cast<float>(buf) + grad_weight * gf);
+    const float updated = element_cast<float>(buf);
+    return nesterov ? beta * updated + grad_weight * gf : updated;
   }
   template <typename G, typename S>
   C10_HOST_DEVICE void operator()(const G& g, S& buf) const {
@@ -70,7 +71,7 @@ struct MomentumMath {
   }
   template <typename G, typename S>
   C10_HOST_DEVICE void operator()(const G& g, S& buf, S& direction) const {
-    direction = static_cast<S>(update(g, buf));
+    direction = element_cast<S>(update(g, buf));
   }
 };
 

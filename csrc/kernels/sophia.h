@@ -20,9 +20,9 @@ struct SophiaStep {
     float beta1, gamma, eps, clip_threshold, bias1;
     template <typename P, typename S>
     C10_HOST_DEVICE void operator()(P& p, const P& g, S& m, const S& h) const {
-      const float mf = lerp(static_cast<float>(m), s.grad_scale * static_cast<float>(g), 1.0f - beta1);
-      m = static_cast<S>(mf);
-      const float curvature = gamma * static_cast<float>(h);
+      const float mf = lerp(element_cast<float>(m), s.grad_scale * element_cast<float>(g), 1.0f - beta1);
+      m = element_cast<S>(mf);
+      const float curvature = gamma * element_cast<float>(h);
       // Comparisons written so that a NaN passes through, as torch's clamp lets it.
       const float ratio = mf / ((curvature < eps ? eps : curvature) * bias1);
       const float u = ratio < -clip_threshold ? -clip_threshold : (ratio > clip_threshold ? clip_threshold : ratio);
@@ -39,7 +39,7 @@ struct HessianEma {
   float beta2;
   template <typename E, typename S>
   C10_HOST_DEVICE void operator()(S& h, const E& estimate) const {
-    h = static_cast<S>(lerp(static_cast<float>(h), static_cast<float>(estimate), 1.0f - beta2));
+    h = element_cast<S>(lerp(element_cast<float>(h), element_cast<float>(estimate), 1.0f - beta2));
   }
   C10_HOST_DEVICE HessianEma load(const ChunkContext&) const { return *this; }
 };

@@ -101,7 +101,7 @@ C10_HOST_DEVICE inline float sign_of(float x) { return static_cast<float>((x > 0
 // w ← w − lr·(u + λ·w), computed as w·(1 − lr·λ) − lr·u in float32 and rounded once to the parameter's dtype.
 template <typename P>
 C10_HOST_DEVICE inline void decoupled_step(P& p, float u, const StepScalars::Values& s) {
-  p = static_cast<P>(static_cast<float>(p) * s.keep - s.lr * u);
+  p = element_cast<P>(element_cast<float>(p) * s.keep - s.lr * u);
 }
 
 }  // namespace fastoptim
