@@ -6,7 +6,7 @@ import pytest
 
 from fastoptim.grid.driver import run_grid
 from fastoptim.grid.executors import LocalGPUExecutor, SequentialExecutor, SlurmExecutor
-from fastoptim.grid.runner import read_outcome, train_command
+from fastoptim.grid.runner import RunSettings, read_outcome, train_command
 from fastoptim.grid.runs import RunOutcome, RunSpec
 from fastoptim.grid.store import ResultsStore
 
@@ -106,3 +106,53 @@ def test_interrupted_parallel_grid_stops_its_children_and_releases_claims(tmp_pa
     with ResultsStore(tmp_path / "s.sqlite") as store:
         bench = run_grid(preset, store, sequential, lambda m: 1000, tmp_path / "runs")
     assert bench.done and len(bench.outcomes) == 3
+
+
+def test_local_gpus_pack_runs_of_several_gpus_into_whole_groups(tmp_path):
+    executor = LocalGPUExecutor(["0", "1", "2", "3", "4"], fake_command, read_outcome, gpus_per_run=2)
+    assert executor.slots == 2 and executor.gpus == ["0", "1", "2", "3"]  # GPU 4 alone cannot hold a run
+    runs = [spec(0.1), spec(0.2)]
+    for run in runs:
+        executor.start(run, str(tmp_path / run.run_id))
+    assert executor.slots == 0
+    finished = []
+    while len(finished) < 2:
+        finished += executor.poll(timeout=5)
+    written = [json.loads((tmp_path / r.run_id / "result.json").read_text()) for r in runs]
+    assert sorted(w["gpu"] for w in written) == ["0,1", "2,3"]
+    with pytest.raises(ValueError, match="gpus_per_run=3: must be between 1 and the 2 GPUs"):
+        LocalGPUExecutor(["0", "1"], fake_command, read_outcome, gpus_per_run=3)
+
+
+def test_several_ranks_per_run_launch_through_torchrun():
+    run = spec(0.1)
+    argv = train_command(run, "/tmp/x", RunSettings(ranks=4, parallel="zero1"))
+    assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    assert argv[5:8] == ["-m", "fastoptim.cli", "train"] and "--zero1" in argv and "--fsdp" not in argv
+    assert "torch.distributed.run" not in train_command(run, "/tmp/x", RunSettings())
+    assert "--zero1" not in train_command(run, "/tmp/x", RunSettings(ranks=4))  # DDP is the trainer's default
+
+
+def test_sequential_grid_refuses_several_gpus_per_run(tmp_path):
+    from fastoptim.grid.cli import build_parser, make_executor
+
+    args = build_parser().parse_args(["--preset", "smoke", "--gpus-per-run", "2"])
+    with pytest.raises(ValueError, match="--gpus-per-run 2 needs --executor gpus or slurm"):
+        make_executor(args, tmp_path, RunSettings(ranks=2))
+
+
+@pytest.mark.slow
+def test_a_grid_run_of_two_ranks_trains_under_torchrun_and_records_them(tmp_path):
+    # The real trainer through the command the GPU executor runs, on two CPU processes (gloo).
+    run = RunSpec("adamw", "tiny", 1.0, {"lr": 1e-3, "batch_size": 4}, seq_len=16, steps=3)
+    settings = RunSettings(device="cpu", ranks=2, compile=False)
+    executor = LocalGPUExecutor(["0"], lambda s, o: train_command(s, o, settings), read_outcome)
+    out_dir = tmp_path / run.run_id
+    executor.start(run, str(out_dir))
+    finished = []
+    while not finished:
+        finished = executor.poll(timeout=5)
+    (_, outcome), = finished
+    assert not isinstance(outcome, Exception), (out_dir / "train.log").read_text()[-3000:]
+    result = json.loads((out_dir / "result.json").read_text())
+    assert result["world_size"] == 2 and result["mode"] == "ddp" and result["steps"] == 3

@@ -54,10 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequential: in this process; gpus: one `fastoptim train` per local GPU; slurm: submitit")
     p.add_argument("--device", default="auto", help="device of sequential runs: auto, cpu, cuda")
     p.add_argument("--gpus", help="GPU indices for --executor gpus (default: all visible)")
+    p.add_argument("--gpus-per-run", type=int, default=1,
+                   help="GPUs of one run: torchrun over a group of that many local GPUs (--executor gpus packs the "
+                        "groups onto --gpus), or that many tasks of one Slurm job (default 1)")
+    p.add_argument("--parallel", choices=["ddp", "zero1", "fsdp"], default="ddp",
+                   help="how a run of several GPUs splits: DDP, DDP with ZeRO-1 sharded optimizer state, or FSDP2")
     p.add_argument("--slurm-folder", help="submitit logs (default: OUT/slurm)")
     p.add_argument("--slurm-partition")
     p.add_argument("--slurm-timeout-min", type=int, default=24 * 60)
-    p.add_argument("--slurm-gpus-per-node", type=int, default=1)
     p.add_argument("--slurm-max-jobs", type=int, default=64, help="jobs in the queue at once")
     p.add_argument("--no-report", action="store_true", help="only run the grid")
     p.add_argument("--dry-run", action="store_true",
@@ -126,16 +130,22 @@ def print_dry_run(preset, gpu: str = "H100", mfu: float = 0.4, stream=None) -> N
 def run_settings(args, preset) -> runner.RunSettings:
     micro_batch = {**MICRO_BATCH, **args.micro_batch}
     return runner.RunSettings(device=args.device, micro_batch=micro_batch, compile=args.compile,
-                              allow_repeat=args.allow_repeat or preset.allow_repeat, cache_dir=args.cache_dir)
+                              allow_repeat=args.allow_repeat or preset.allow_repeat, cache_dir=args.cache_dir,
+                              ranks=args.gpus_per_run, parallel=args.parallel)
 
 
 def make_executor(args, out: Path, settings: runner.RunSettings):
     if args.executor == "sequential":
+        if settings.ranks > 1:
+            raise ValueError(f"--gpus-per-run {settings.ranks} needs --executor gpus or slurm (sequential runs train "
+                             "in this one process)")
         return SequentialExecutor(functools.partial(runner.run_in_process, settings=settings))
     if args.executor == "gpus":
         return LocalGPUExecutor(_gpus(args.gpus), functools.partial(runner.train_command, settings=settings),
-                                runner.read_outcome)
-    params = {"timeout_min": args.slurm_timeout_min, "gpus_per_node": args.slurm_gpus_per_node}
+                                runner.read_outcome, gpus_per_run=settings.ranks)
+    # One task per GPU, all on one node: torchrun's single-node rendezvous is what the trainer's tests cover.
+    params = {"timeout_min": args.slurm_timeout_min, "gpus_per_node": settings.ranks, "tasks_per_node": settings.ranks,
+              "nodes": 1}
     if args.slurm_partition:
         params["slurm_partition"] = args.slurm_partition
     gpu_settings = dataclasses.replace(settings, device="cuda")

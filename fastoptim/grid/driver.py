@@ -1,11 +1,15 @@
 """Drive a preset's phases to completion: answer what the store already knows, claim and run the rest.
 
 Any number of drivers (one per machine, or one per Slurm allocation) may share a store: each replays the same phases,
-claims the runs nobody has claimed, and reads the others' results from the store as they land.
+claims the runs nobody has claimed, and reads the others' results from the store as they land. A claim whose driver
+died goes stale and may be taken over, but a run is never started in a folder whose trainer is still alive
+(fastoptim/train/run_lock.py).
 """
 
 import time
 from pathlib import Path
+
+from fastoptim.train.run_lock import run_folder_busy
 
 from .phases import Benchmark
 from .progress import GridProgress
@@ -41,6 +45,11 @@ def run_grid(preset, store, executor, param_count, runs_dir, progress: GridProgr
                     continue
                 out_dir = str(runs_dir / spec.run_id)
                 if store.claim(spec, out_dir):
+                    if run_folder_busy(out_dir):
+                        # A trainer whose driver died still writes there: let it finish; its result is read from
+                        # the folder once it has ended and the run is claimed again.
+                        store.release(spec)
+                        continue
                     in_flight[spec.run_id] = spec
                     executor.start(spec, out_dir)
                     started += 1

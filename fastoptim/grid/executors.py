@@ -46,42 +46,48 @@ class SequentialExecutor:
 
 
 class LocalGPUExecutor:
-    """One `fastoptim train` subprocess per GPU, pinned with CUDA_VISIBLE_DEVICES; its log goes to out_dir/train.log."""
+    """One `fastoptim train` subprocess per group of `gpus_per_run` GPUs, pinned with CUDA_VISIBLE_DEVICES (a group of
+    several runs under torchrun, which command_fn asks for); its log goes to out_dir/train.log."""
 
-    def __init__(self, gpus, command_fn, read_fn):
+    def __init__(self, gpus, command_fn, read_fn, gpus_per_run: int = 1):
         """command_fn(spec, out_dir) → argv; read_fn(out_dir) → RunOutcome from what the trainer wrote there."""
         if not gpus:
             raise ValueError("gpus must list at least one GPU index")
-        self.gpus = [str(gpu) for gpu in gpus]
+        if gpus_per_run < 1 or gpus_per_run > len(gpus):
+            raise ValueError(f"gpus_per_run={gpus_per_run}: must be between 1 and the {len(gpus)} GPUs given")
+        gpus = [str(gpu) for gpu in gpus]
+        # Whole groups only: GPUs left over would run nothing.
+        self.groups = [",".join(gpus[i:i + gpus_per_run]) for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)]
+        self.gpus = gpus[:len(self.groups) * gpus_per_run]
         self.command_fn = command_fn
         self.read_fn = read_fn
-        self._procs = {}  # gpu → (process, spec, out_dir, started, log handle)
+        self._procs = {}  # group → (process, spec, out_dir, started, log handle)
 
     @property
     def slots(self) -> int:
-        return len(self.gpus) - len(self._procs)
+        return len(self.groups) - len(self._procs)
 
     @property
     def running(self) -> int:
         return len(self._procs)
 
     def start(self, spec, out_dir):
-        gpu = next(g for g in self.gpus if g not in self._procs)
+        group = next(g for g in self.groups if g not in self._procs)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         log = open(Path(out_dir) / "train.log", "ab")
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": group}
         process = subprocess.Popen(self.command_fn(spec, out_dir), env=env, stdout=log, stderr=subprocess.STDOUT)
-        self._procs[gpu] = (process, spec, out_dir, time.time(), log)
+        self._procs[group] = (process, spec, out_dir, time.time(), log)
 
     def poll(self, timeout: float = 0.0):
         deadline = time.time() + timeout
         while True:
             finished = []
-            for gpu, (process, spec, out_dir, started, log) in list(self._procs.items()):
+            for group, (process, spec, out_dir, started, log) in list(self._procs.items()):
                 if process.poll() is None:
                     continue
                 log.close()
-                del self._procs[gpu]
+                del self._procs[group]
                 finished.append((spec, _timed(self._outcome(process.returncode, out_dir), time.time() - started)))
             if finished or time.time() >= deadline:
                 return finished
@@ -106,7 +112,9 @@ class LocalGPUExecutor:
 
 
 class SlurmExecutor:
-    """Each run a Slurm job through submitit (optional dependency); preempted jobs requeue and resume from out_dir."""
+    """Each run a Slurm job through submitit (optional dependency); preempted jobs requeue and resume from out_dir.
+    A job of several tasks (slurm_params tasks_per_node=k with gpus_per_node=k) is one distributed run, one rank per
+    task; submitit hands back the first task's result."""
 
     def __init__(self, run_fn, folder, max_jobs: int = 64, cluster: str | None = None, **slurm_params):
         """cluster: submitit's choice (None: Slurm when present, else local processes; "debug": in this process)."""
@@ -145,7 +153,7 @@ class SlurmExecutor:
         results = []
         for job, spec, started in finished:
             try:
-                outcome = job.result()
+                outcome = job.results()[0]  # a job of several tasks: rank 0's outcome (every rank returns it)
             except Exception as error:
                 outcome = error
             results.append((spec, _timed(outcome, time.time() - started)))
@@ -164,6 +172,8 @@ def _resumable(submitit, run_fn):
 
     class ResumableRun(submitit.helpers.Checkpointable):
         def __call__(self, spec, out_dir):
+            if submitit.JobEnvironment().num_tasks > 1:  # one task per GPU: the trainer reads torchrun's variables
+                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
             return run_fn(spec, out_dir)
 
     return ResumableRun()

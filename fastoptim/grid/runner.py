@@ -4,8 +4,8 @@ metrics.jsonl) becomes a RunOutcome or a loss curve; and before the first run, `
 holds every run's tokens.
 
 Every run resumes from its own folder's checkpoints (resume=True), so a run cut short by a killed grid or a preempted
-job continues where its last checkpoint left it. The settings (device, micro-batch, compile, repeats) are not part of
-a run's identity: changing them never retrains a finished run.
+job continues where its last checkpoint left it. The settings (device, micro-batch, compile, repeats, ranks per run
+and how they split it) are not part of a run's identity: changing them never retrains a finished run.
 """
 
 import contextlib
@@ -27,6 +27,14 @@ class RunSettings:
     compile: bool | None = None  # None: the trainer's default (on CUDA, off on CPU)
     allow_repeat: bool = False
     cache_dir: str | None = None
+    ranks: int = 1  # processes per run: torchrun over that many local GPUs, or that many Slurm tasks
+    parallel: str = "ddp"  # how several ranks split a run: ddp, zero1 (sharded optimizer state) or fsdp
+
+    def __post_init__(self):
+        if self.ranks < 1:
+            raise ValueError(f"ranks={self.ranks}: a run needs at least one process")
+        if self.parallel not in ("ddp", "zero1", "fsdp"):
+            raise ValueError(f"parallel={self.parallel!r}: expected 'ddp', 'zero1' or 'fsdp'")
 
     def micro_batch_for(self, spec: RunSpec) -> int | str | None:
         limit = self.micro_batch.get(spec.model)
@@ -54,7 +62,7 @@ def train_config(spec: RunSpec, out_dir: str, settings: RunSettings | None = Non
                        eval_data=spec.eval_data, seed=spec.seed, out_dir=str(out_dir), device=settings.device,
                        micro_batch=settings.micro_batch_for(spec), compile=settings.compile,
                        allow_repeat=settings.allow_repeat, cache_dir=settings.cache_dir, resume=True, progress=False,
-                       **optional)
+                       zero1=settings.parallel == "zero1", fsdp=settings.parallel == "fsdp", **optional)
 
 
 def run_in_process(spec: RunSpec, out_dir: str, settings: RunSettings | None = None) -> RunOutcome:
@@ -70,10 +78,14 @@ def run_in_process(spec: RunSpec, out_dir: str, settings: RunSettings | None = N
 def train_command(spec: RunSpec, out_dir: str, settings: RunSettings | None = None) -> list[str]:
     """`fastoptim train …` for a subprocess; hparams travel as --hp key=repr(value), which the CLI reads back with
     ast.literal_eval, so floats, ints, bools and strings arrive exactly."""
+    settings = settings or RunSettings()
     cfg = train_config(spec, out_dir, settings)
-    argv = [sys.executable, "-m", "fastoptim.cli", "train", "--model", spec.model, "--optimizer", spec.optimizer,
-            "--chinchilla", repr(float(spec.chinchilla)), "--seq-len", str(spec.seq_len), "--seed", str(spec.seed),
-            "--out-dir", str(out_dir), "--eval-tokens", str(cfg.eval_tokens), "--resume", "--no-progress"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={settings.ranks}"] \
+        if settings.ranks > 1 else [sys.executable]
+    argv = launcher + ["-m", "fastoptim.cli", "train", "--model", spec.model, "--optimizer", spec.optimizer,
+                       "--chinchilla", repr(float(spec.chinchilla)), "--seq-len", str(spec.seq_len),
+                       "--seed", str(spec.seed), "--out-dir", str(out_dir), "--eval-tokens", str(cfg.eval_tokens),
+                       "--resume", "--no-progress"]
     flags = {"--steps": spec.steps, "--eval-every": spec.eval_every, "--data": spec.data,
              "--eval-data": spec.eval_data, "--vocab-size": spec.vocab_size, "--micro-batch": cfg.micro_batch,
              "--cache-dir": cfg.cache_dir}
@@ -84,6 +96,8 @@ def train_command(spec: RunSpec, out_dir: str, settings: RunSettings | None = No
         argv.append("--compile" if cfg.compile else "--no-compile")
     if cfg.allow_repeat:
         argv.append("--allow-repeat")
+    if settings.parallel != "ddp":
+        argv.append(f"--{settings.parallel}")
     for key, value in sorted(spec.hparams.items()):
         argv += ["--hp", f"{key}={value!r}"]
     return argv

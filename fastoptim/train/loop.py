@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from fastoptim.train.divergence import divergence_reason
 from fastoptim.train.metrics import MetricsLog, check_logger
 from fastoptim.train.micro_batch import (cached_probe, check_micro_batch, fits_on_gpu, largest_fitting,
                                          local_batch_of)
+from fastoptim.train.run_lock import run_folder_lock
 from fastoptim.train.schedule import lr_multiplier
 from fastoptim.train.throughput import (device_peak_flops, peak_memory_bytes, synchronize,
                                         train_flops_per_token)
@@ -226,14 +228,17 @@ def _finished_run(out_dir: Path, identity: dict, resume: bool) -> RunResult | No
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    plan = plan_run(cfg)
+    plan = plan_run(cfg)  # reads out_dir only
     if plan.finished is not None:
         return plan.finished
-    env = init_distributed(cfg.device)
-    try:
-        return _run(cfg, plan, env)
-    finally:
-        shutdown_distributed(env)
+    # Before anything is written there: one live trainer per folder (rank 0 holds the lock for its group).
+    first_rank = os.environ.get("RANK", "0") == "0"
+    with run_folder_lock(cfg.out_dir) if first_rank else contextlib.nullcontext():
+        env = init_distributed(cfg.device)
+        try:
+            return _run(cfg, plan, env)
+        finally:
+            shutdown_distributed(env)
 
 
 def _run(cfg: TrainConfig, plan: Plan, env) -> RunResult:
