@@ -14,7 +14,7 @@ update_interval.
 import json
 from dataclasses import asdict, dataclass, replace
 
-from fastoptim.optim.paper import paper_hparams
+from fastoptim.optim.paper import BASELINE, paper_hparams
 
 OPTIMIZER_NAMES = ("adamw", "nadamw", "mars", "cautious", "lion", "mini", "muon", "scion", "kron", "soap", "sophia")
 
@@ -53,7 +53,7 @@ class GridPreset:
     phase2_always: tuple = ("lr", "warmup", "batch_size")  # re-swept at Phase II whether sensitive or not (spec §4)
     phase2_lower_lrs: int = 1        # Phase II adds this many halvings below the smallest Phase I lr
     fit_drop_first: bool = True      # Phase III fit drops the smallest (N, D) point, as the study's code does
-    baseline_optimizer: str = "adamw"
+    baseline_optimizer: str = BASELINE
     seed: int = 0
     extra_seeds: int = 0             # the best config of every regime runs again with seeds seed+1 … seed+extra_seeds
     data: str | None = None          # corpus spec for the trainer; None: its embedded default corpus

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from fastoptim.optim.paper import BASELINE
+
 from . import runner
 from .plots import (plot_effective_budget, plot_loss_vs_budget, plot_loss_vs_tokens, plot_sensitivity,
                     plot_speedup_heatmap)
@@ -101,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv-in", help="instead of a store: a CSV with columns optimizer,size,ratio,loss[,seed_losses]")
     p.add_argument("--csv", help="also write the best final loss per (optimizer, size, ratio) to this CSV, in the "
                                  "columns --csv-in reads")
-    p.add_argument("--baseline", default="adamw", help="optimizer whose loss law defines the speedup (CSV mode)")
+    p.add_argument("--baseline", default=BASELINE, help="optimizer whose loss law defines the speedup (CSV mode; "
+                                                       f"default {BASELINE}, the study's)")
     return p
 
 

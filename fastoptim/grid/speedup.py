@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from scipy.stats import t as student_t
 
+from fastoptim.optim.paper import BASELINE
+
 from .fits import FitError, LossLaw, fit_loss_law
 
 CSV_COLUMNS = ("optimizer", "size", "ratio", "loss")
@@ -131,7 +133,7 @@ def pooled_noise(rows: list[LossRow]) -> SeedNoise | None:
     return SeedNoise(math.sqrt(squares / dof), dof, cells)
 
 
-def compute_speedups(rows, baseline: str = "adamw") -> SpeedupTable:
+def compute_speedups(rows, baseline: str = BASELINE) -> SpeedupTable:
     """Speedups of every (optimizer, size, ratio) row over `baseline`.
 
     rows: LossRow or (optimizer, size, ratio, loss[, seed_losses]) tuples.

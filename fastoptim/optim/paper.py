@@ -11,6 +11,9 @@ ends and says so.
 
 from dataclasses import dataclass, field
 
+# The optimizer the study measures every speedup against, and the trainer's default.
+BASELINE = "adamw"
+
 _COSINE = {"lr_schedule": "cosine", "decay": 1.0, "min_lr_ratio": 0.0}
 _WSD = {"lr_schedule": "linear", "min_lr_ratio": 0.0}
 _ADAMW_START = {"lr": 8e-3, "weight_decay": 0.1, "warmup": 2000, "beta1": 0.9, "beta2": 0.98, "eps": 1e-20,

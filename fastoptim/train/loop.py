@@ -27,7 +27,7 @@ from fastoptim.data import (TrainLoader, check_batch_divisible, check_data_spec,
                             prepare_data, prepare_eval_data)
 from fastoptim.models import Llama, get_model_config, non_embedding_params
 from fastoptim.models.llama import LLAMA3_VOCAB
-from fastoptim.optim.paper import paper_hparams
+from fastoptim.optim.paper import BASELINE, paper_hparams
 from fastoptim.train import checkpoint as ckpt
 from fastoptim.train.batches import DeviceBatches
 from fastoptim.train.distributed import (barrier, build_sharded_optimizer, check_mode, checkpoint_tensors,
@@ -51,7 +51,7 @@ TRAINER_DEFAULTS = {"batch_size": 128, "warmup": 0, "lr_schedule": "cosine", "de
 @dataclass
 class TrainConfig:
     model: str = "tiny"
-    optimizer: str = "adamw"
+    optimizer: str = BASELINE
     hparams: dict = field(default_factory=dict)  # flat: optimizer hparams + TRAINER_DEFAULTS' keys
     chinchilla: float = 1.0
     seq_len: int | None = None  # None: the model preset's (4096 for the paper sizes)
