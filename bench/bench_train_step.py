@@ -15,9 +15,13 @@ import types
 import pytest
 import torch
 
-from fastoptim.grid.presets import MICRO_BATCH
-from fastoptim.models import Llama, get_model_config
-from fastoptim.train.throughput import device_peak_flops, train_flops_per_token
+# The trainer and the grid's presets are extras: a plain install with only the bench extra skips this module.
+for _module in ("tqdm", "tokenizers", "scipy"):
+    pytest.importorskip(_module, reason="the train-step benchmark needs pip install 'fastoptim[grid]'")
+
+from fastoptim.grid.presets import MICRO_BATCH  # noqa: E402
+from fastoptim.models import Llama, get_model_config  # noqa: E402
+from fastoptim.train.throughput import device_peak_flops, train_flops_per_token  # noqa: E402
 
 SETUPS = {"cpu": ("tiny", 4096, 128, 16), "cuda": ("130m", 128_256, 4096, MICRO_BATCH["130m"])}
 
