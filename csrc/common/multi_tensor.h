@@ -121,14 +121,13 @@ inline uint16_t float_to_half(float f) {
 // x comes by value: taken by reference, a local it converts has its address taken and GCC stops vectorising.
 template <typename To, typename From>
 inline To element_cast(From x) {
-  using F = From;
-  if constexpr (std::is_same_v<F, c10::BFloat16> && std::is_same_v<To, float>) {
+  if constexpr (std::is_same_v<From, c10::BFloat16> && std::is_same_v<To, float>) {
     return element_bits::bfloat16_to_float(x.x);
-  } else if constexpr (std::is_same_v<F, c10::Half> && std::is_same_v<To, float>) {
+  } else if constexpr (std::is_same_v<From, c10::Half> && std::is_same_v<To, float>) {
     return element_bits::half_to_float(x.x);
-  } else if constexpr (std::is_same_v<F, float> && std::is_same_v<To, c10::BFloat16>) {
+  } else if constexpr (std::is_same_v<From, float> && std::is_same_v<To, c10::BFloat16>) {
     return c10::BFloat16(element_bits::float_to_bfloat16(x), c10::BFloat16::from_bits());
-  } else if constexpr (std::is_same_v<F, float> && std::is_same_v<To, c10::Half>) {
+  } else if constexpr (std::is_same_v<From, float> && std::is_same_v<To, c10::Half>) {
     return c10::Half(element_bits::float_to_half(x), c10::Half::from_bits());
   } else {
     return static_cast<To>(x);
