@@ -109,6 +109,22 @@ def along(t, axis, mat):
 
 
 # ---------------------------------------------------------------- Soap (§1.10)
+def into_eigenbasis(block, qs):
+    """The block in the eigenbasis `qs` (one matrix per axis, None where the axis is not rotated)."""
+    for i, q in enumerate(qs):
+        if q is not None:
+            block = along(block, i, q.T)
+    return block
+
+
+def soap_rotated_grad(g, state, *, merged, block_shape):
+    """The blocks of g as the next soap_step would see them in the eigenbasis; [] before the first step."""
+    if "Q" not in state:
+        return []
+    blocks = blocks_of(g.double().reshape(merged), block_shape)
+    return [into_eigenbasis(blk, qs) for blk, qs in zip(blocks, state["Q"])]
+
+
 def soap_step(p, g, state, *, merged, block_shape, rotate, lr, betas, shampoo_beta, eps, weight_decay, freq):
     """One Soap step for parameter p (float64, in place). `merged`: the shape after merging small dims;
     `block_shape`: per merged axis the block size; `rotate`: per merged axis whether it gets an eigenbasis."""
@@ -139,10 +155,7 @@ def soap_step(p, g, state, *, merged, block_shape, rotate, lr, betas, shampoo_be
     ub = []
     for k, (gk, mk) in enumerate(zip(gb, mb)):
         qs, ggs, v = state["Q"][k], state["GG"][k], state["v"][k]
-        gr, mr = gk, mk
-        for i, q in enumerate(qs):
-            if q is not None:
-                gr, mr = along(gr, i, q.T), along(mr, i, q.T)
+        gr, mr = into_eigenbasis(gk, qs), into_eigenbasis(mk, qs)
         v.mul_(b2).add_((1 - b2) * gr * gr)
         u = mr / (v.sqrt() + eps)
         for i, q in enumerate(qs):

@@ -15,7 +15,19 @@ ELEMENTWISE = ["adamw", "nadamw", "cautious", "mars", "lion", "mini", "sophia", 
 # Shapes of a small model: matrices (the blocked branch of Adam-mini), a 3-D weight, vectors, one odd length.
 SHAPES = [(16, 8), (8,), (3, 5, 7), (33,)]
 STEPS = 4
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def assert_paths_close(fused, pure, dtype):
+    """float32: the paths agree to float32 rounding. bfloat16: the fused path rounds each element once per step and
+    the pure path after each torch op, so per step they may differ by a bf16 spacing of the result (≤ 2^-7 of it)
+    and half a spacing of an intermediate (≤ 2^-8 of the tensor's largest element, e.g. β·buf before g is added);
+    these differences add up over the steps."""
+    fused, pure = fused.float(), pure.float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused, pure, rtol=1e-5, atol=1e-6)
+    else:
+        largest = pure.abs().max().item() if pure.numel() else 0.0
+        torch.testing.assert_close(fused, pure, rtol=STEPS * 2**-7, atol=STEPS * 2**-8 * largest + 1e-6)
 
 
 def make_params(dtype, device, seed):
@@ -49,10 +61,10 @@ def test_fused_and_pure_paths_agree(device, rng, name, dtype):
     fused_params, fused_opt = run(name, None, dtype, device, seed)
     pure_params, pure_opt = run(name, False, dtype, device, seed)
     for f, p in zip(fused_params, pure_params):
-        torch.testing.assert_close(f.detach().float(), p.detach().float(), **TOLERANCE[dtype])
+        assert_paths_close(f.detach(), p.detach(), dtype)
     for f, p in zip(fused_params, pure_params):
         for key, value in fused_opt.state[f].items():
-            torch.testing.assert_close(value.float(), pure_opt.state[p][key].float(), **TOLERANCE[dtype])
+            assert_paths_close(value, pure_opt.state[p][key], dtype)
 
 
 @pytest.mark.cuda

@@ -248,17 +248,31 @@ def test_scion_matches_reference(rng, device):
         assert_close(p.detach(), r, rtol=1e-5, atol=1e-5)
 
 
+def float32_torch_iteration(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's Newton–Schulz (torch/optim/_muon.py) in float32 instead of bfloat16."""
+    a, b, c = ns_coefficients
+    x = grad.float().T if grad.size(0) > grad.size(1) else grad.float()
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if grad.size(0) > grad.size(1) else x
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
-def test_muon_agrees_with_torch_muon(nesterov, adjust_lr_fn, rng):
-    """The same constructor arguments as torch.optim.Muon give its result. torch keeps an EMA buffer (ours is
-    undampened: the same direction up to a factor (1−β) that the normalisation removes) and iterates in bf16, so the
-    agreement is to bf16 accuracy; ours iterates in bf16 too, or float32 where the CPU lacks native bf16."""
+def test_muon_agrees_with_torch_muon(nesterov, adjust_lr_fn, rng, monkeypatch):
+    """The same constructor arguments as torch.optim.Muon give its result: its momentum (an EMA buffer; ours is
+    undampened, the same direction up to a factor (1−β) that the normalisation removes), Nesterov, lr adjustment and
+    decay. Both iterate in float32 (torch's bf16 cast patched out): in bf16, Newton–Schulz multiplies the rounding
+    noise along small singular values by about 3.4 per iteration, so two bf16 runs differ elementwise by several
+    percent of the step however their code agrees, which would measure bf16 and not the semantics."""
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", float32_torch_iteration)
     shapes = [(32, 16), (16, 48), (24, 24)]
     ours = random_params(shapes, rng)
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     opt = fastoptim.Muon(ours, lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1,
-                         adjust_lr_fn=adjust_lr_fn, eps=1e-7)
+                         adjust_lr_fn=adjust_lr_fn, eps=1e-7, ns_dtype=torch.float32)
     peer = torch.optim.Muon(theirs, lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1,
                             adjust_lr_fn=adjust_lr_fn, eps=1e-7)
     start = [p.detach().clone() for p in ours]
@@ -270,7 +284,7 @@ def test_muon_agrees_with_torch_muon(nesterov, adjust_lr_fn, rng):
         peer.step()
     for p, q, s in zip(ours, theirs, start):
         moved = (q.detach() - s).abs().max().item()
-        torch.testing.assert_close(p.detach() - s, q.detach() - s, rtol=0, atol=0.03 * moved)
+        torch.testing.assert_close(p.detach() - s, q.detach() - s, rtol=0, atol=1e-3 * moved)
 
 
 def test_split_routes_a_llama_model_as_the_spec_says():
@@ -406,6 +420,32 @@ def structured_grads(shape, steps, gen):
     return out
 
 
+def full_rank_grads(shapes, refs, steps, ref_hp, gen, floor=1e-3):
+    """Random full-rank gradients, each step redrawn until no component of any block in the reference's eigenbasis
+    is below `floor` times that block's rms. Adam's first step on a component is its sign whatever its size, so a
+    component near zero (1.3e-6 of its block's rms for one CI seed) takes its sign from float32 rounding of the
+    rotation, and the comparison measures rounding, not the kernel. The basis does not depend on the parameters, so
+    a float64 reference run on zero parameters tracks it."""
+    from reference_matrix import soap_rotated_grad, soap_step
+    probe = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    states = [{} for _ in shapes]
+    out = []
+    for _ in range(steps):
+        for _attempt in range(100):
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            clipped = clip_(grads, SOAP_HP["max_grad_norm"])
+            rotated = [b for g, st, r in zip(clipped, states, refs)
+                       for b in soap_rotated_grad(g, st, merged=r["merged"], block_shape=r["block_shape"])]
+            if all(b.abs().min() >= floor * b.square().mean().sqrt() for b in rotated):
+                break
+        else:
+            raise AssertionError("no well-conditioned gradient in 100 draws: the floor is too high for these shapes")
+        for p, g, st, r in zip(probe, clipped, states, refs):
+            soap_step(p, g, st, **r, **ref_hp)
+        out.append(grads)
+    return out
+
+
 def run_soap(shapes, grads_per_step, refs, hp, ref_hp, gen, device):
     from reference_matrix import soap_step
     params = random_params(shapes, gen, device)
@@ -433,7 +473,7 @@ def test_soap_matches_reference_on_full_blocks(rng, device):
             dict(merged=(4, 12), block_shape=(4, 4), rotate=(True, True)),
             dict(merged=(4, 2, 2), block_shape=(4, 2, 2), rotate=(True, True, True)),
             dict(merged=(4, 20), block_shape=(4, 20), rotate=(True, False))]
-    steps = [[torch.randn(s, generator=rng) for s in shapes] for _ in range(7)]
+    steps = full_rank_grads(shapes, refs, 7, dict(SOAP_REF_HP, eps=1e-8), rng)
     params, ref = run_soap(shapes, steps, refs, dict(SOAP_HP, eps=1e-8, merge_dims_target=0),
                            dict(SOAP_REF_HP, eps=1e-8), rng, device)
     for p, r in zip(params, ref):
