@@ -200,12 +200,29 @@ def qr_signs_fixed(q, power_sorted):
     return q * torch.sign(r_diag).unsqueeze(-2)
 
 
+def bases_with_distinct_estimates(batch, m_size, n_size, left, right, gg_l, gg_r, gen, apart=1e-5):
+    """Random orthogonal Q per side, redrawn until in every block the estimates diag(QᵀGG Q) are `apart` or more
+    from each other. Their order is the permutation the refresh applies, so estimates within float32's rounding of
+    these O(1) sums (about 1e-6; 1.6e-7 apart for one seed) would let float32 and float64 sort them differently."""
+    def distinct(q, gg):
+        if q is None:
+            return True
+        estimates = torch.diagonal(q.mT @ gg @ q, dim1=-2, dim2=-1).sort(-1).values
+        return bool((estimates.diff(dim=-1) >= apart).all())
+
+    for _attempt in range(100):
+        q_l, q_r = sides(batch, m_size, n_size, left, right, random_orthogonal, gen)
+        if distinct(q_l, gg_l) and distinct(q_r, gg_r):
+            return q_l, q_r
+    raise AssertionError("no bases with distinct estimates in 100 draws")
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_refresh_matches_float64_reference(device, rng, layout):
     batch, m_size, n_size, left, right = layout
     v = torch.rand(batch, m_size, n_size, generator=rng).double()  # float32 values, so the permutation is exact
-    q_l, q_r = sides(batch, m_size, n_size, left, right, random_orthogonal, rng)
     gg_l, gg_r = sides(batch, m_size, n_size, left, right, random_spd, rng)
+    q_l, q_r = bases_with_distinct_estimates(batch, m_size, n_size, left, right, gg_l, gg_r, rng)
     expected_v, expected_qs = refresh_reference(v, q_l, q_r, gg_l, gg_r)
     out_v = f32(v, device)
     out_qs = [None if q is None else f32(q, device) for q in (q_l, q_r)]
