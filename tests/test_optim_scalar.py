@@ -306,7 +306,9 @@ class TinyLM(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-LOSS_FALLS_LR = {"AdamW": 0.02, "NAdamW": 0.02, "Cautious": 0.02, "Mars": 0.02, "Lion": 0.005, "AdamMini": 0.02,
+# Rates at which 40 steps take the loss below half its start from every init tried (100–200 seeds): the worst
+# final/initial ratios were 0.21 (Lion) and 0.25 (SophiaH), the others 0.04 or less; Lion at 0.005 reached 0.51.
+LOSS_FALLS_LR = {"AdamW": 0.02, "NAdamW": 0.02, "Cautious": 0.02, "Mars": 0.02, "Lion": 0.01, "AdamMini": 0.02,
                  "SophiaH": 0.01}
 
 
