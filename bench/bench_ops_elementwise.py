@@ -3,7 +3,7 @@ with torch.optim.AdamW (foreach and fused) and with our pure-torch cores, each a
 the same bytes measured in the same run (extra_info: ratio, floor_pct, achieved_rate).
 
 The bytes are what the fastest step must move: every parameter, gradient and state element read once, every
-parameter and state element written once (float32 throughout here).
+parameter and state element written once (float32, except for AdamW's low-precision cases).
 """
 
 import pytest
@@ -67,12 +67,19 @@ def family_step(family, shapes, device, fused):
     raise ValueError(family)
 
 
-def torch_adamw_step(shapes, device, fused):
-    params = [torch.nn.Parameter(t) for t in make_tensors(shapes, device)]
-    for param, grad in zip(params, make_tensors(shapes, device, offset=1)):
+def adamw_step(shapes, device, backend, dtype=torch.float32):
+    """(step function, bytes read and written) of torch.optim.AdamW (backend "torch-foreach" or "torch-fused") or
+    fastoptim.AdamW ("fastoptim", its default path) over parameters of `dtype` with gradients of `dtype`."""
+    import fastoptim
+
+    params = [torch.nn.Parameter(t) for t in make_tensors(shapes, device, dtype)]
+    for param, grad in zip(params, make_tensors(shapes, device, dtype, offset=1)):
         param.grad = grad
-    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1,
-                            foreach=not fused, fused=fused)
+    hp = dict(lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1)
+    if backend == "fastoptim":
+        opt = fastoptim.AdamW(params, **hp)
+    else:
+        opt = torch.optim.AdamW(params, **hp, foreach=backend == "torch-foreach", fused=backend == "torch-fused")
     opt.step()  # creates the state outside the timed rounds
     grads = [p.grad for p in params]
     state = [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
@@ -91,8 +98,23 @@ CASES += [("adamw", "torch-foreach"), ("adamw", "torch-fused")]
 def test_elementwise_step(measure, model_set, bench_device, family, backend):
     if backend.startswith("torch-"):
         require_peer(backend)
-        step, work = torch_adamw_step(model_set, bench_device, fused=backend == "torch-fused")
+        step, work = adamw_step(model_set, bench_device, backend)
     else:
         require_op("adamw_")
         step, work = family_step(family, model_set, bench_device, fused=backend == "fastoptim")
     measure(step, family=f"elementwise-{family}", shapes=model_set, backend=backend, bound="memory", work=work)
+
+
+# Low-precision parameters: both optimizers keep the state in the parameters' dtype and compute in float32, so they
+# move the same bytes; what differs is the cost of the conversions (fp16 on x86: F16C, cpu/half_conversion.cpp).
+@pytest.mark.shape_sets("130m")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", ["fastoptim", "torch-fused"])
+def test_adamw_low_precision_step(measure, model_set, bench_device, dtype, backend):
+    if backend == "torch-fused":
+        require_peer(backend)
+    else:
+        require_op("adamw_")
+    step, work = adamw_step(model_set, bench_device, backend, dtype)
+    measure(step, family=f"elementwise-adamw-{str(dtype).removeprefix('torch.')}", shapes=model_set, backend=backend,
+            bound="memory", work=work)

@@ -61,20 +61,31 @@ def same_values(actual, expected):
     return bool(((actual.view(bits) == expected.view(bits)) | both_nan).all())
 
 
-# The CPU kernels convert elements with their own branch-free code (csrc/common/multi_tensor.h), so the conversions
-# are tested on every value they can meet, against torch's.
+# The CPU kernels convert elements with their own code (bfloat16: branch-free bit arithmetic in
+# csrc/common/multi_tensor.h; float16: x86's conversion instructions 16 or 8 at a time and that bit arithmetic for the
+# rest, in csrc/cpu/half_conversion.cpp), so the conversions are tested on every value they can meet, against torch's,
+# with the values in one tensor and cut into tensors of 15 and of 7 elements, which take the narrower paths.
+PIECES = [None, 15, 7]
+
+
+def pieces(values, length):
+    return [values] if length is None else list(values.split(length))
+
+
+@pytest.mark.parametrize("piece", PIECES)
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
-def test_every_low_precision_value_survives_the_float32_round_trip(device, param_dtype):
+def test_every_low_precision_value_survives_the_float32_round_trip(device, param_dtype, piece):
     every_value = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(param_dtype).to(device)
-    params = [every_value.clone()]
+    params = [p.clone() for p in pieces(every_value, piece)]
     # p·(1 − 0) − 0·0 = p exactly, so the result is the value converted to float32 and back.
-    torch.ops.fastoptim.decoupled_update_(params, [torch.zeros(params[0].shape, device=device)],
+    torch.ops.fastoptim.decoupled_update_(params, [torch.zeros(p.shape, device=device) for p in params],
                                           scalar(0.0, device), 0.0, 1.0)
-    assert same_values(params[0], every_value)
+    assert same_values(torch.cat(params), every_value)
 
 
+@pytest.mark.parametrize("piece", PIECES)
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
-def test_float32_results_round_to_nearest_even_like_torch(device, rng, param_dtype):
+def test_float32_results_round_to_nearest_even_like_torch(device, rng, param_dtype, piece):
     random_bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=rng, dtype=torch.int64)
     dropped_bits = 16 if param_dtype == torch.bfloat16 else 13  # float32 mantissa bits the type lacks
     # Values exactly halfway between two neighbours of the low-precision type, and one float32 ulp either side.
@@ -87,10 +98,11 @@ def test_float32_results_round_to_nearest_even_like_torch(device, rng, param_dty
     targets = torch.cat([random_bits.to(torch.int32).view(torch.float32), ties, edges, -edges])
     # −0 is left out: 0·1 − (−1)·(−0) is +0 in IEEE arithmetic, so no update can produce it.
     targets = targets[(targets != 0) | ~targets.signbit()].to(device)
-    params = [torch.zeros(targets.shape, dtype=param_dtype, device=device)]
+    updates = pieces(targets, piece)
+    params = [torch.zeros(u.shape, dtype=param_dtype, device=device) for u in updates]
     # p = 0·1 − (1·(−1))·u = u exactly in float32, so the result is u rounded to the parameters' dtype.
-    torch.ops.fastoptim.decoupled_update_(params, [targets], scalar(1.0, device), 0.0, -1.0)
-    assert same_values(params[0], targets.to(param_dtype))
+    torch.ops.fastoptim.decoupled_update_(params, updates, scalar(1.0, device), 0.0, -1.0)
+    assert same_values(torch.cat(params), targets.to(param_dtype))
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@
 // callable taking one element reference from each list, in list order. Writing the math once as a
 // C10_HOST_DEVICE functor is what makes the CPU and CUDA kernels compute the same function. A list the math only
 // reads is named with a const element type at the call (`apply<float, const float>`): it gets const references,
-// and the CUDA launcher, which stages elements in registers, never writes it back.
+// and the CUDA launcher, which stages elements in registers, never writes it back. The math computes in float32 and
+// never reads an element after writing it (it keeps the value in a local instead): the CPU launcher stages float16
+// lists through float32 buffers, so a read-back would see the unrounded value there and the stored one on CUDA.
 //
 // Reduce functor (multi_tensor_reduce): `load(ctx)` returns math whose `operator()(elements...)` gives a float
 // per element and whose `finish(float chunk_sum)` receives the chunk's sum (once per chunk; on CUDA from one
@@ -82,12 +84,19 @@ inline float to_float(uint32_t u) {
   return f;
 }
 
+// c ? a : b as bit masks: GCC 12 may leave nested ternaries as branches (a loop over float_to_half written with
+// them stayed scalar), and a branch in a loop body stops the vectoriser.
+inline uint32_t select(bool c, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(c);
+  return (a & mask) | (b & ~mask);
+}
+
 inline float bfloat16_to_float(uint16_t b) { return to_float(static_cast<uint32_t>(b) << 16); }
 
 inline uint16_t float_to_bfloat16(float f) {
   const uint32_t u = of(f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  return static_cast<uint16_t>(select((u & 0x7FFFFFFFu) > 0x7F800000u, 0x7FC0u, rounded));
 }
 
 // The half's exponent and mantissa moved into a float's bits and rescaled by 2^112 (exact for normals and
@@ -96,7 +105,7 @@ inline float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu);
   const uint32_t scaled = of(to_float(magnitude << 13) * 0x1p112f);
-  const uint32_t finite_or_not = magnitude >= 0x7C00u ? (scaled | 0x7F800000u) : scaled;
+  const uint32_t finite_or_not = select(magnitude >= 0x7C00u, scaled | 0x7F800000u, scaled);
   return to_float(finite_or_not | sign);
 }
 
@@ -109,10 +118,11 @@ inline uint16_t float_to_half(float f) {
   const uint32_t magnitude = u ^ sign;
   constexpr uint32_t kInf = 0x7F800000u, kHalfOverflow = (127u + 16u) << 23, kNormalMin = 113u << 23;
   constexpr uint32_t kSubnormalMagic = 126u << 23;  // 0.5: its ulp is 2^-24, the half's smallest subnormal
-  const uint32_t special = magnitude > kInf ? 0x7E00u : 0x7C00u;
+  const uint32_t special = select(magnitude > kInf, 0x7E00u, 0x7C00u);
   const uint32_t subnormal = of(to_float(magnitude) + to_float(kSubnormalMagic)) - kSubnormalMagic;
   const uint32_t normal = (magnitude + 0xC8000FFFu + ((magnitude >> 13) & 1u)) >> 13;  // 0xC8000000: (15 − 127) << 23
-  const uint32_t bits = magnitude >= kHalfOverflow ? special : (magnitude < kNormalMin ? subnormal : normal);
+  const uint32_t finite = select(magnitude < kNormalMin, subnormal, normal);
+  const uint32_t bits = select(magnitude >= kHalfOverflow, special, finite);
   return static_cast<uint16_t>(bits | (sign >> 16));
 }
 

@@ -10,11 +10,13 @@
 #include <algorithm>
 #include <array>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "common/multi_tensor.h"
 #include "cpu/block_team.h"
+#include "cpu/half_conversion.h"
 
 namespace fastoptim::cpu {
 
@@ -32,19 +34,19 @@ namespace detail {
 // The math comes by value and the element pointers as restrict: with a reference GCC must assume that stores
 // through the element pointers change the math's fields and keeps the loop scalar.
 template <typename Math, typename... Ts>
-FASTOPTIM_CPU_LEVELS void apply_chunk(const Math math, int64_t size, Ts* __restrict... elements) {
+FASTOPTIM_CPU_LEVELS void apply_loop(const Math math, int64_t size, Ts* __restrict... elements) {
 #pragma omp simd
   for (int64_t i = 0; i < size; ++i) {
     math(elements[i]...);
   }
 }
 
-// Σ math(elements) over the chunk in double, in 16 interleaved partial sums combined in a fixed order: the same
-// order at every ISA level and thread count, so a reduction is deterministic, and wide enough to vectorise.
+// Adds math(elements) over the whole groups of kLanes elements into 16 interleaved partial sums in double and
+// returns the sum over the last size % kLanes elements: wide enough to vectorise, and in a fixed order.
+constexpr int64_t kLanes = 16;
 template <typename Math, typename... Ts>
-FASTOPTIM_CPU_LEVELS double reduce_chunk(const Math math, int64_t size, Ts* __restrict... elements) {
-  constexpr int64_t kLanes = 16;
-  double lanes[kLanes] = {};
+FASTOPTIM_CPU_LEVELS double reduce_loop(const Math math, double* __restrict lanes, int64_t size,
+                                        Ts* __restrict... elements) {
   int64_t i = 0;
   for (; i + kLanes <= size; i += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
@@ -55,6 +57,63 @@ FASTOPTIM_CPU_LEVELS double reduce_chunk(const Math math, int64_t size, Ts* __re
   for (; i < size; ++i) {
     tail += static_cast<double>(math(elements[i]...));
   }
+  return tail;
+}
+
+// float16 lists are staged: each run of kStage elements is converted into a float32 buffer (cpu/half_conversion.h),
+// the math runs over the buffers, and the lists it writes are converted back. Other lists are used in place.
+template <typename T>
+constexpr bool is_half = std::is_same_v<std::remove_const_t<T>, c10::Half>;
+constexpr int64_t kStage = 256;  // a multiple of kLanes, so staging does not change a reduction's order
+
+template <typename T>
+  requires(!is_half<T>)
+T* staged(T* elements, float*) {
+  return elements;
+}
+inline float* staged(c10::Half*, float* buffer) { return buffer; }
+inline const float* staged(const c10::Half*, float* buffer) { return buffer; }
+
+template <typename T>
+  requires(!is_half<T>)
+void stage_in(T*, float*, int64_t) {}
+inline void stage_in(c10::Half* elements, float* buffer, int64_t n) { halves_to_floats(elements, buffer, n); }
+inline void stage_in(const c10::Half* elements, float* buffer, int64_t n) { halves_to_floats(elements, buffer, n); }
+
+template <typename T>
+void stage_out(T*, const float*, int64_t) {}  // read-only or not float16
+inline void stage_out(c10::Half* elements, const float* buffer, int64_t n) { floats_to_halves(buffer, elements, n); }
+
+// Runs body(n, pointers...) over the chunk, in one piece when no list is float16, else in staged runs.
+template <typename Body, typename... Ts, size_t... I>
+void for_each_run(int64_t size, const Body& body, std::index_sequence<I...>, Ts*... elements) {
+  if constexpr (!(is_half<Ts> || ...)) {
+    body(size, elements...);
+  } else {
+    alignas(64) float buffers[sizeof...(Ts)][kStage];
+    for (int64_t start = 0; start < size; start += kStage) {
+      const int64_t n = std::min(kStage, size - start);
+      (stage_in(elements + start, buffers[I], n), ...);
+      body(n, staged(elements + start, buffers[I])...);
+      (stage_out(elements + start, buffers[I], n), ...);
+    }
+  }
+}
+
+template <typename Math, typename... Ts>
+void apply_chunk(const Math& math, int64_t size, Ts*... elements) {
+  for_each_run(size, [&](int64_t n, auto*... run) { apply_loop(math, n, run...); },
+               std::index_sequence_for<Ts...>{}, elements...);
+}
+
+// Σ math(elements) over the chunk in double, the lanes combined in a fixed order: the same order at every ISA
+// level and thread count, so a reduction is deterministic.
+template <typename Math, typename... Ts>
+double reduce_chunk(const Math& math, int64_t size, Ts*... elements) {
+  double lanes[kLanes] = {};
+  double tail = 0.0;
+  for_each_run(size, [&](int64_t n, auto*... run) { tail += reduce_loop(math, lanes, n, run...); },
+               std::index_sequence_for<Ts...>{}, elements...);
   double sum = 0.0;
   for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum + tail;

@@ -41,8 +41,9 @@ struct SignumStep {
     float beta;
     template <typename P, typename S>
     C10_HOST_DEVICE void operator()(P& p, const P& g, S& buf) const {
-      buf = element_cast<S>(lerp(element_cast<float>(buf), s.grad_scale * element_cast<float>(g), 1.0f - beta));
-      decoupled_step(p, sign_of(element_cast<float>(buf)), s);
+      const float updated = lerp(element_cast<float>(buf), s.grad_scale * element_cast<float>(g), 1.0f - beta);
+      buf = element_cast<S>(updated);
+      decoupled_step(p, sign_of(updated), s);
     }
   };
 
@@ -59,10 +60,8 @@ struct MomentumMath {
   template <typename G, typename S>
   C10_HOST_DEVICE float update(const G& g, S& buf) const {
     const float gf = grad_scale * element_cast<float>(g);
-    // The buffer is read back after the store, not kept in a local: a local of a 16-bit type copied into memory is
-    // an aggregate copy, which GCC's vectoriser refuses.
-    buf = element_cast<S>(beta * element_cast<float>(buf) + grad_weight * gf);
-    const float updated = element_cast<float>(buf);
+    const float updated = beta * element_cast<float>(buf) + grad_weight * gf;
+    buf = element_cast<S>(updated);
     return nesterov ? beta * updated + grad_weight * gf : updated;
   }
   template <typename G, typename S>

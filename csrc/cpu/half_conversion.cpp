@@ -1,0 +1,85 @@
+#include "cpu/half_conversion.h"
+
+#include "common/multi_tensor.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FASTOPTIM_HAVE_F16C_PATH 1
+#endif
+
+namespace fastoptim::cpu {
+namespace {
+
+void halves_to_floats_portable(const c10::Half* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = element_cast<float>(in[i]);
+}
+
+void floats_to_halves_portable(const float* in, c10::Half* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = element_cast<c10::Half>(in[i]);
+}
+
+#if FASTOPTIM_HAVE_F16C_PATH
+__attribute__((target("avx,f16c"))) void halves_to_floats_f16c(const c10::Half* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  }
+  halves_to_floats_portable(in + i, out + i, n - i);
+}
+
+__attribute__((target("avx,f16c"))) void floats_to_halves_f16c(const float* in, c10::Half* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  floats_to_halves_portable(in + i, out + i, n - i);
+}
+
+__attribute__((target("avx512f"))) void halves_to_floats_avx512(const c10::Half* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i))));
+  }
+  halves_to_floats_f16c(in + i, out + i, n - i);
+}
+
+__attribute__((target("avx512f"))) void floats_to_halves_avx512(const float* in, c10::Half* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  floats_to_halves_f16c(in + i, out + i, n - i);
+}
+
+const bool kHasAVX512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}();
+
+const bool kHasF16C = [] {
+  __builtin_cpu_init();  // the CPU model must be read before a static initialiser asks for it
+  return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+}();
+#endif
+
+}  // namespace
+
+void halves_to_floats(const c10::Half* in, float* out, int64_t n) {
+#if FASTOPTIM_HAVE_F16C_PATH
+  if (kHasAVX512) return halves_to_floats_avx512(in, out, n);
+  if (kHasF16C) return halves_to_floats_f16c(in, out, n);
+#endif
+  halves_to_floats_portable(in, out, n);
+}
+
+void floats_to_halves(const float* in, c10::Half* out, int64_t n) {
+#if FASTOPTIM_HAVE_F16C_PATH
+  if (kHasAVX512) return floats_to_halves_avx512(in, out, n);
+  if (kHasF16C) return floats_to_halves_f16c(in, out, n);
+#endif
+  floats_to_halves_portable(in, out, n);
+}
+
+}  // namespace fastoptim::cpu
