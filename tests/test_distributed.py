@@ -170,3 +170,27 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path
                                          r"\(256, 64\) there, \(128, 64\) here"):
         train(run_config(tmp_path, cache_dir, resume=True))
     assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
+
+
+def test_fsdp_defers_gradient_sync_and_all_gathers_bf16_on_request(tmp_path):
+    """FSDP2 on 2 ranks, micro-batches of 2 (two per rank and step): one reduce-scatter per step after the last
+    micro-batch gives the losses of one per micro-batch; bf16 all-gathers change the losses by bf16 rounding only."""
+    cache_dir = str(tmp_path / "cache")
+    runs = {name: run_config(tmp_path / name, cache_dir, fsdp=True, micro_batch=2, **options)
+            for name, options in (("each", {}), ("deferred", {"fsdp_defer_grad_sync": True}),
+                                  ("bf16", {"fsdp_param_dtype": "bfloat16"}))}
+    outcomes = launch_trainer(2, [(cfg, None, None) for cfg in runs.values()], tmp_path)
+    for rank in range(2):
+        each, deferred, bf16 = ([r["train_loss"] for r in got["history"]] for got in outcomes[rank])
+        assert deferred == pytest.approx(each, rel=1e-5), rank
+        differ = [abs(a - b) / b for a, b in zip(bf16, each)]
+        # bf16 parameters round each weight by up to 2^-9 relative: visible in the loss, and small.
+        assert max(differ) > 1e-6 and max(differ) < 2e-2, (rank, differ)
+
+
+@pytest.mark.parametrize("options", [{"fsdp_param_dtype": "bfloat16"}, {"fsdp_defer_grad_sync": True}])
+def test_fsdp_settings_without_fsdp_are_refused(tmp_path, options):
+    from fastoptim.train import loop
+
+    with pytest.raises(ValueError, match="FSDP2 settings: they need fsdp=True"):
+        loop.plan_run(run_config(tmp_path, str(tmp_path / "cache"), **options))

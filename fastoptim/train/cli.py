@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-final-weights", action="store_true", help="a finished run keeps final_model.pt")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun instead of DDP")
+    p.add_argument("--fsdp-param-dtype", choices=["float32", "bfloat16"], default=defaults.fsdp_param_dtype,
+                   help="with --fsdp: the dtype parameters are all-gathered and computed in (gradients reduce in "
+                        "float32; the optimizer steps float32 shards)")
+    p.add_argument("--fsdp-defer-grad-sync", action="store_true",
+                   help="with --fsdp: reduce-scatter gradients once per step, after the last micro-batch (holds "
+                        "unsharded gradients in between)")
     p.add_argument("--zero1", action="store_true", help="under torchrun: DDP with the optimizer state sharded over "
                                                         "the ranks (ZeRO-1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=args.device, micro_batch=args.micro_batch, compile=args.compile, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, checkpoint_every_s=args.checkpoint_every_s,
         keep_checkpoints=args.keep_checkpoints, keep_final_weights=args.keep_final_weights, resume=args.resume,
-        fsdp=args.fsdp, zero1=args.zero1, progress=not args.no_progress, log_to=args.log_to,
+        fsdp=args.fsdp, fsdp_param_dtype=args.fsdp_param_dtype, fsdp_defer_grad_sync=args.fsdp_defer_grad_sync,
+        zero1=args.zero1, progress=not args.no_progress, log_to=args.log_to,
         peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12)
 
 

@@ -77,15 +77,17 @@ def shutdown_distributed(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
+def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool, param_dtype: torch.dtype = torch.float32) -> nn.Module:
     if not env.distributed:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # Parameters are all-gathered in param_dtype; gradients are reduced in float32 whatever it is.
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

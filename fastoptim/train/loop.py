@@ -76,6 +76,12 @@ class TrainConfig:
     keep_final_weights: bool = False  # a finished run keeps out_dir/final_model.pt
     resume: bool = False
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
+    # Under fsdp: "bfloat16" all-gathers and computes with bf16 parameters and reduces gradients in float32 (FSDP2's
+    # MixedPrecisionPolicy); the shards the optimizer steps, and its state, stay float32.
+    fsdp_param_dtype: str = "float32"
+    # Under fsdp: reduce-scatter gradients once per step, after the last micro-batch, instead of after each one
+    # (less communication; each rank holds unsharded gradients between micro-batches).
+    fsdp_defer_grad_sync: bool = False
     zero1: bool = False  # under torchrun: DDP with the optimizer state sharded over ranks (ZeroRedundancy)
     progress: bool = True
     log_to: str | None = None  # "tensorboard" | "wandb"
@@ -102,6 +108,9 @@ class RunResult:
     history: list[dict]
     mode: str = "single"  # single, ddp, zero1 or fsdp
     optimizer_state_bytes: list[int] = field(default_factory=list)  # per rank, at the end of the run
+
+
+FSDP_PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def optimizer_registry():
@@ -181,6 +190,11 @@ def plan_run(cfg: TrainConfig) -> Plan:
         probe = Llama(dataclasses.replace(model_cfg, vocab_size=model_cfg.vocab_size or 512))
     probe_optimizer = optimizer_registry().build_optimizer(cfg.optimizer, probe, optimizer_hparams)
     clipping = bool(probe_optimizer.defaults.get("max_grad_norm"))
+    if cfg.fsdp_param_dtype not in FSDP_PARAM_DTYPES:
+        raise ValueError(f"fsdp_param_dtype={cfg.fsdp_param_dtype!r} must be one of {sorted(FSDP_PARAM_DTYPES)}")
+    if not cfg.fsdp and (cfg.fsdp_param_dtype != "float32" or cfg.fsdp_defer_grad_sync):
+        raise ValueError(f"fsdp_param_dtype={cfg.fsdp_param_dtype!r} and fsdp_defer_grad_sync="
+                         f"{cfg.fsdp_defer_grad_sync} are FSDP2 settings: they need fsdp=True")
     if cfg.zero1 or cfg.fsdp:  # refused on one process too: the same command must not fail only under torchrun
         check_mode("zero1" if cfg.zero1 else "fsdp", probe_optimizer)
 
@@ -281,7 +295,7 @@ def _run(cfg: TrainConfig, plan: Plan, env) -> RunResult:
 
     micro_batch = _micro_batch(cfg, plan, env, batch_size, model_cfg, build_model, build_optimizer, autocast)
     torch.manual_seed(cfg.seed)
-    model = wrap_model(build_model(), env, fsdp)
+    model = wrap_model(build_model(), env, fsdp, FSDP_PARAM_DTYPES[cfg.fsdp_param_dtype])
     optimizer = build_sharded_optimizer(plan.mode, model, build_optimizer, lambda: Llama(model_cfg), env)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     multiplier = lr_multiplier(plan.steps, plan.schedule["lr_schedule"], plan.schedule["warmup"],
@@ -345,7 +359,8 @@ def _run(cfg: TrainConfig, plan: Plan, env) -> RunResult:
         logging = evaluating or done % cfg.log_every == 0 or done == 1
         x, y = batches.next()
         loss = _forward_backward(model, optimizer, x, y, micro_batch, autocast,
-                                 hessian=plan.needs_hvp and optimizer.hessian_due)
+                                 hessian=plan.needs_hvp and optimizer.hessian_due,
+                                 defer_grad_sync=fsdp and cfg.fsdp_defer_grad_sync)
         if logging:
             grad_norm = global_norm([p.grad for p in unwrap(model).parameters() if p.grad is not None])
             synchronize(env.device)
@@ -419,7 +434,8 @@ def _run(cfg: TrainConfig, plan: Plan, env) -> RunResult:
     return result
 
 
-def _forward_backward(model, optimizer, x, y, micro_batch: int, autocast, hessian: bool) -> torch.Tensor:
+def _forward_backward(model, optimizer, x, y, micro_batch: int, autocast, hessian: bool,
+                      defer_grad_sync: bool = False) -> torch.Tensor:
     """Gradients of this rank's batch, accumulated over its micro-batches; returns the batch's mean loss (on the
     device, not read back)."""
     micro_batches = list(zip(x.split(micro_batch), y.split(micro_batch)))
@@ -439,8 +455,12 @@ def _forward_backward(model, optimizer, x, y, micro_batch: int, autocast, hessia
         optimizer.update_hessian(micro_losses())
         return torch.stack(losses).sum()
     for i, (mx, my) in enumerate(micro_batches):
-        # DDP all-reduces gradients on the last micro-batch only.
-        sync = i == count - 1 or not hasattr(model, "no_sync")
+        last = i == count - 1
+        # DDP all-reduces gradients on the last micro-batch only; FSDP2 reduce-scatters after each one unless told to
+        # wait for the last.
+        if defer_grad_sync:
+            model.set_requires_gradient_sync(last)
+        sync = last or not hasattr(model, "no_sync")
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
             loss = model(mx, my) / count
         loss.backward()
