@@ -77,7 +77,6 @@ inline const float* staged(const c10::Half*, float* buffer) { return buffer; }
 template <typename T>
   requires(!is_half<T>)
 void stage_in(T*, float*, int64_t) {}
-inline void stage_in(c10::Half* elements, float* buffer, int64_t n) { halves_to_floats(elements, buffer, n); }
 inline void stage_in(const c10::Half* elements, float* buffer, int64_t n) { halves_to_floats(elements, buffer, n); }
 
 template <typename T>

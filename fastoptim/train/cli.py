@@ -13,7 +13,7 @@ import argparse
 import ast
 import sys
 
-from fastoptim.train.loop import TrainConfig, train
+from fastoptim.train.loop import FSDP_PARAM_DTYPES, TrainConfig, train
 
 
 def parse_hparam(text: str) -> tuple[str, object]:
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-final-weights", action="store_true", help="a finished run keeps final_model.pt")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun instead of DDP")
-    p.add_argument("--fsdp-param-dtype", choices=["float32", "bfloat16"], default=defaults.fsdp_param_dtype,
+    p.add_argument("--fsdp-param-dtype", choices=list(FSDP_PARAM_DTYPES), default=defaults.fsdp_param_dtype,
                    help="with --fsdp: the dtype parameters are all-gathered and computed in (gradients reduce in "
                         "float32; the optimizer steps float32 shards)")
     p.add_argument("--fsdp-defer-grad-sync", action="store_true",
