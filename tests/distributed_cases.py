@@ -18,7 +18,8 @@ from fastoptim.optim.paper import paper_hparams
 from fastoptim.optim.registry import build_optimizer
 from fastoptim.train.loop import TRAINER_DEFAULTS
 
-MODEL = LlamaConfig(dim=32, n_layers=2, n_heads=2, intermediate=64, vocab_size=64, seq_len=16)
+# Rows that 2 and 4 ranks do not divide (70, 66): the last shards are shorter, the owners' transfers padded.
+MODEL = LlamaConfig(dim=32, n_layers=2, n_heads=2, intermediate=70, vocab_size=66, seq_len=16)
 BATCH, SEQ = 8, 16
 # Small preconditioner blocks keep Kron and Soap cheap; float32 Newton–Schulz (bf16 would round the ranks' last-bit
 # gradient differences visibly); a clip that binds, so the global-norm clip over ranks is exercised.
@@ -48,7 +49,7 @@ def build(name: str, mode: str, rank: int, world_size: int, config: LlamaConfig 
     if mode in ("ddp", "zero1"):
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
         optimizer = build_optimizer(name, model, hparams(name))
-        return wrapped, ZeroRedundancy(optimizer) if mode == "zero1" else optimizer
+        return wrapped, ZeroRedundancy(optimizer, model=wrapped) if mode == "zero1" else optimizer
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -63,10 +64,12 @@ def build(name: str, mode: str, rank: int, world_size: int, config: LlamaConfig 
     raise ValueError(f"mode {mode!r}")
 
 
-def state_bytes(optimizer) -> int:
-    if hasattr(optimizer, "state_bytes"):
-        return optimizer.state_bytes()
-    return sum(v.nbytes for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+def state_bytes(optimizer) -> tuple[int, int]:
+    """(bytes of every state tensor this rank holds, bytes of its step counters, which each rank holding part of a
+    parameter keeps a copy of)."""
+    held = optimizer.optimizer.state if hasattr(optimizer, "state_bytes") else optimizer.state
+    tensors = [(key, v) for s in held.values() for key, v in s.items() if isinstance(v, torch.Tensor)]
+    return sum(v.nbytes for _, v in tensors), sum(v.nbytes for key, v in tensors if key == "step")
 
 
 def run_case(name: str, mode: str, steps: int, rank: int = 0, world_size: int = 1) -> dict:
@@ -84,7 +87,8 @@ def run_case(name: str, mode: str, steps: int, rank: int = 0, world_size: int = 
             dist.all_reduce(loss)
             loss /= world_size
         losses.append(loss.item())
-    return {"losses": losses, "state_bytes": state_bytes(optimizer)}
+    total, steps = state_bytes(optimizer)
+    return {"losses": losses, "state_bytes": total, "step_bytes": steps}
 
 
 def bad_gradient_case(rank: int, world_size: int) -> dict:
@@ -92,12 +96,12 @@ def bad_gradient_case(rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
     model = Llama(MODEL)
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = ZeroRedundancy(build_optimizer("adamw", model, {"lr": 1e-2, "check_finite": "raise"}))
+    optimizer = ZeroRedundancy(build_optimizer("adamw", model, {"lr": 1e-2, "check_finite": "raise"}), model=wrapped)
     rows = batches(1)[0][:BATCH // world_size]
     wrapped(rows[:, :-1], rows[:, 1:]).backward()
     if rank == 1:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        params[min(optimizer.held)].grad[0] = float("nan")
+        k = min(optimizer.held)
+        optimizer.params[k].grad.view(-1)[optimizer.spans[k][rank][0]] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
     try:
         optimizer.step()
@@ -106,6 +110,43 @@ def bad_gradient_case(rank: int, world_size: int) -> dict:
         return {"error": f"{type(error).__name__}: {error}", "unchanged": unchanged,
                 "state": len(optimizer.optimizer.state)}
     return {"error": None}
+
+
+def reduce_scatter_case(rank: int, world_size: int) -> dict:
+    """One Muon step (row-sharded AdamW branch, whole matrices) through ZeroRedundancy's comm hook, against one
+    through DDP's all-reduce: the largest differences (relative to the largest magnitude) of the gradient elements
+    this rank owns from the average, of the others from this rank's own gradient, and of the stepped parameters.
+    In float64: the two reductions sum in different orders, and Adam's first step g/(|g| + eps) magnifies a
+    rounding difference of a near-zero gradient up to lr."""
+    rows = batches(1)[0][rank * (BATCH // world_size):(rank + 1) * (BATCH // world_size)]
+    runs = []
+    for hooked in (True, False):
+        torch.manual_seed(0)
+        model = Llama(MODEL).double()
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = ZeroRedundancy(build_optimizer("muon", model, hparams("muon")),
+                                   model=wrapped if hooked else None)
+        local = [g.detach().clone() for g in torch.autograd.grad(model(rows[:, :-1], rows[:, 1:]),
+                                                                 list(model.parameters()))]
+        wrapped(rows[:, :-1], rows[:, 1:]).backward()
+        runs.append((model, optimizer, local, [p.grad.detach().clone() for p in model.parameters()]))
+        optimizer.step()
+    (_, zero, local, hooked_grads), (_, _, _, averaged) = runs
+    order = {id(p): i for i, p in enumerate(runs[0][0].parameters())}
+    owned_error = other_error = 0.0
+    for k, param in enumerate(zero.params):
+        i = order[id(param)]
+        first, end = zero.spans[k][rank]
+        owned = torch.zeros(param.numel(), dtype=torch.bool)
+        owned[first:end] = True
+        got, scale = hooked_grads[i].view(-1), averaged[i].abs().max().item()
+        owned_error = max(owned_error, ((got - averaged[i].view(-1))[owned].abs().max().item() / scale
+                                        if end > first else 0.0))
+        other_error = max(other_error, ((got - local[i].view(-1))[~owned].abs().max().item() / scale
+                                        if param.numel() > end - first else 0.0))
+    step_error = max(((a - b).abs().max() / b.abs().max()).item()
+                     for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()))
+    return {"owned": owned_error, "other": other_error, "step": step_error}
 
 
 def worker(rank: int, world_size: int, port: int, cases: list, results: str) -> None:
@@ -121,6 +162,8 @@ def worker(rank: int, world_size: int, port: int, cases: list, results: str) -> 
                     outcomes[case] = run_case(*args, rank=rank, world_size=world_size)
                 elif kind == "bad_gradient":
                     outcomes[case] = bad_gradient_case(rank, world_size)
+                elif kind == "reduce_scatter":
+                    outcomes[case] = reduce_scatter_case(rank, world_size)
             except Exception:
                 outcomes[case] = {"crash": traceback.format_exc()}
                 raise

@@ -193,6 +193,21 @@ def test_zero_size_parameters_are_skipped(name, rng):
     assert not torch.equal(params[0], before[0]) and not torch.equal(params[3], before[3])
 
 
+@pytest.mark.parametrize("name", [n for n in fastoptim.OPTIMIZER_NAMES if n != "sophia"])
+def test_a_clipped_group_without_gradients_is_left_alone(name, rng):
+    """A param group none of whose parameters has a gradient this step (frozen, or all owned by other ranks under
+    ZeRO-1), clipped like the rest: the other group steps, this one is untouched and gets no state."""
+    stepped, idle = params_with_grads(rng), params_with_grads(rng)
+    for p in idle:
+        p.grad = None
+    opt = fastoptim.optimizer_class(name)([{"params": stepped}, {"params": idle}],
+                                          **{**OPTIONS.get(name, {}), "max_grad_norm": 0.5})
+    before = [p.detach().clone() for p in stepped + idle]
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(stepped, before)), name
+    assert all(torch.equal(p, q) and p not in opt.state for p, q in zip(idle, before[len(stepped):])), name
+
+
 @pytest.mark.parametrize("name", [n for n in fastoptim.OPTIMIZER_NAMES if n != "soap"])
 @pytest.mark.parametrize("fused", [None, False])
 def test_a_non_finite_gradient_propagates_as_in_torch(name, fused, rng):

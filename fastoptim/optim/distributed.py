@@ -1,7 +1,7 @@
 """ZeRO-1 under data parallelism: each rank holds, and steps, the optimizer state of its share of the parameters.
 
     model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = fastoptim.ZeroRedundancy(fastoptim.Muon(model.module, lr=0.02, max_grad_norm=1.0))
+    optimizer = fastoptim.ZeroRedundancy(fastoptim.Muon(model.module, lr=0.02, max_grad_norm=1.0), model=model)
     for x, y in batches:
         model(x, y).backward()
         optimizer.step()
@@ -10,42 +10,43 @@
 `ZeroRedundancy` wraps a constructed fastoptim optimizer that every rank builds over the same parameters (so the
 param groups, LR schedulers and state_dict keep torch's conventions) and that holds no state yet:
 
-- Ownership is by whole tensors: each parameter has one owner rank, assigned greedily (largest first onto the
-  least-loaded rank) by the bytes of the state it will hold (``state_shapes``). Whole tensors, not flat slices, keep
-  every per-tensor computation exact: Cautious' mask normalisation, Mars' correction clip, Adam-mini's blocks, Soap's
-  blocks and Muon's and Scion's whole matrices. An owner's matrices of one shape are orthogonalised in one batched
-  Newton–Schulz call, as in one process; a matrix's momentum bytes are proportional to its Newton–Schulz work within
-  one model width, so the assignment spreads both.
-- Gradients are all-reduced by DDP, not reduce-scattered: each rank reads the averaged gradients of the parameters it
-  owns and ignores the rest. (A reduce-scatter halves the gradient traffic but needs ownership aligned to DDP's
-  buckets; not done.)
+- Ownership (``ownership_spans``): the parameters of elementwise branches (AdamW, NAdamW, Mars, Lion; the AdamW and
+  signum branches of Muon, Scion and Adam-mini) are split by rows over every rank, torch.chunk's split, which is
+  DTensor's Shard(0): each rank steps its rows, through a view put in the parameter's place in the param group.
+  Every other parameter has one owner rank that steps the whole tensor, assigned greedily (largest first onto the
+  least-loaded rank) by the bytes of the state it will hold (``state_shapes``): whole tensors keep every per-tensor
+  computation exact (Cautious' mask normalisation, Adam-mini's blocks, Soap's blocks, Muon's and Scion's
+  Newton–Schulz), and an owner's matrices of one shape are orthogonalised in one batched call, as in one process.
+- Gradients: given the DDP model, a comm hook reduce-scatters each DDP bucket (each rank receives the average of
+  the elements it owns; uneven parts, as ownership falls), overlapped with the backward pass as DDP's all-reduce is.
 - A step: the wrapped optimizer checks the owned gradients, state and hyperparameters (``prepare_step``); one
   all-reduce carries every rank's failure flag and its partial squared norm of each clipped set, so that bad input on
-  any rank raises on every rank before anything is written, and the clip uses the global norm; the owners step;
-  each owner broadcasts its updated parameters (flattened: one broadcast per owner and dtype). Reading the failure
-  flag is one host synchronisation per step.
+  any rank raises on every rank before anything is written, and the clip uses the global norm. Reading the failure
+  flag is one host synchronisation per step. Then the owners step group by group, elementwise branches first; after
+  each group one all-gather per dtype (each rank's updated elements, padded to the longest share) starts, and runs
+  while the next groups step (on a GPU, Muon's Newton–Schulz overlaps the all-gather of the embeddings).
 - ``state_dict()`` is the consolidated state, equal to the wrapped optimizer's in one process, so checkpoints do not
   depend on the number of ranks; ``load_state_dict`` takes such a state (from any number of ranks, or one process)
-  and keeps each rank's share. ``local_state_dict()`` is this rank's share alone (for sharded checkpoints).
+  and keeps each rank's share. ``local_state_dict()`` is this rank's share alone, and ``sharded_state`` maps each
+  row-sharded position to the DTensor its share is a part of (checkpoints through DCP that reshard).
 
 Optimizers that cannot shard are refused at construction, on every rank: those whose ``shardable`` is False (Kron
 draws its preconditioner noise from one generator across all parameters, so a share would draw other numbers) and
 those that need a Hessian-vector product (SophiaH: autograd.grad bypasses DDP's gradient averaging).
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from fastoptim.optim.base import BaseOptimizer
 
 
-def assign_owners(costs: list[int], world_size: int) -> list[int]:
-    """An owner rank per item: largest cost first onto the least-loaded rank (ties: the lower index, the lower
-    rank), so every rank computes the same assignment."""
-    load = [0] * world_size
+def assign_owners(costs: list[int], world_size: int, load: list[int] | None = None) -> list[int]:
+    """An owner rank per item: largest cost first onto the least-loaded rank (starting from `load`; ties: the lower
+    index, the lower rank), so every rank computes the same assignment."""
+    load = list(load) if load is not None else [0] * world_size
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         owners[i] = min(range(world_size), key=lambda r: (load[r], r))
@@ -109,16 +110,17 @@ class OwnedShareStepper:
     """Steps a fastoptim optimizer on the parameters this rank owns; the shared core of ZeRO-1 and FSDP2's owner
     stepping. The caller leaves gradients only on owned parameters; ``held`` lists their positions (group order)."""
 
-    def __init__(self, optimizer: BaseOptimizer, held: Iterable[int], group=None, how: str = "ZeroRedundancy"):
-        check_shardable(optimizer, how)
+    def __init__(self, optimizer: BaseOptimizer, held: Iterable[int], group=None):
         self.optimizer, self.group, self.held = optimizer, group, frozenset(held)
 
     @property
     def param_groups(self):
         return self.optimizer.param_groups
 
-    def step_owned(self, device: torch.device) -> None:
-        """prepare_step, the one agreement all-reduce (failures and clip norms), then the owners' update."""
+    def step_owned(self, device: torch.device, after_group: Callable[[int], None] | None = None) -> None:
+        """prepare_step, the one agreement all-reduce (failures and clip norms), then the owners' update: group by
+        group, the elementwise branches first, calling ``after_group(index)`` after each (so that a group's
+        communication overlaps the next groups' update; Muon's Newton–Schulz comes last)."""
         optimizer = self.optimizer
         had_state = {p for p in params_in_order(optimizer) if optimizer.state.get(p)}
         failure, work, partial = None, None, {}
@@ -137,7 +139,10 @@ class OwnedShareStepper:
         optimizer.global_clip_scales = {limit: (limit / agreed[1 + i].sqrt()).clamp(max=1.0).to(dtype)
                                         for i, (limit, dtype) in enumerate(limits)}
         try:
-            optimizer.update(work)
+            for item in sorted(work, key=lambda item: item.group["branch"] not in optimizer.elementwise_branches):
+                optimizer.update([item])
+                if after_group is not None:
+                    after_group(item.index)
         finally:
             optimizer.global_clip_scales = None
 
@@ -179,21 +184,6 @@ class OwnedShareStepper:
         """This rank's share: the wrapped optimizer's state_dict (torch's numbering), state for held positions only."""
         return self.optimizer.state_dict()
 
-    def state_dict(self) -> dict:
-        """The consolidated state: every rank's share merged (a collective call on every rank)."""
-        own = self.optimizer.state_dict()
-        parts = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(parts, _to_cpu(own["state"]), group=self.group)
-        merged = {}
-        for part in parts:
-            merged.update(part)
-        return {**own, "state": dict(sorted(merged.items()))}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a consolidated state (or a share holding at least this rank's positions); keep this rank's share."""
-        self.optimizer.load_state_dict(
-            {**state_dict, "state": {k: s for k, s in state_dict["state"].items() if k in self.held}})
-
     def state_bytes(self) -> int:
         return held_state_bytes(self.optimizer)
 
@@ -203,30 +193,34 @@ class ZeroRedundancy(OwnedShareStepper):
 
     Args:
         optimizer: a fastoptim optimizer without state, built identically on every rank over the replicated
-            parameters (e.g. ``model.module`` of a DDP model).
+            parameters (e.g. ``model.module`` of a DDP model). The wrapper then owns it: the places of row-sharded
+            parameters in its param groups hold this rank's rows (views, so a step writes the parameters).
         process_group: the data-parallel group (default: the world).
+        model: the DistributedDataParallel model, whose gradients are then reduce-scattered (a DDP comm hook)
+            instead of all-reduced: afterwards each rank's ``.grad`` is the average only where that rank owns the
+            state, and its local gradient elsewhere (``grad_norm()`` is the global norm). Without it DDP
+            all-reduces, and the step is the same.
     """
 
-    def __init__(self, optimizer: BaseOptimizer, process_group=None):
+    def __init__(self, optimizer: BaseOptimizer, process_group=None, model=None):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ZeroRedundancy: torch.distributed is not initialised (init_process_group first)")
         if optimizer.state:
             raise ValueError("ZeroRedundancy: wrap the optimizer before its first step (it already holds state); "
                              "load a saved state through the wrapper's load_state_dict")
+        check_shardable(optimizer, "ZeroRedundancy")
         self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
-        params = params_in_order(optimizer)
-        self.device = params[0].device
-        _check_same_parameters(params, process_group, self.device)
-        self.owners = assign_owners(state_bytes_of(optimizer), self.world_size)
-        super().__init__(optimizer, [i for i, owner in enumerate(self.owners) if owner == self.rank], process_group)
-        # One broadcast per (owner, dtype): that owner's parameters flattened together.
-        self.buckets: list[tuple[int, list[torch.Tensor]]] = []
-        for owner in range(self.world_size):
-            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-            for param, param_owner in zip(params, self.owners):
-                if param_owner == owner and param.numel():
-                    by_dtype.setdefault(param.dtype, []).append(param)
-            self.buckets.extend((owner, bucket) for bucket in by_dtype.values())
+        self.params = params_in_order(optimizer)  # the model's tensors, at torch's state_dict positions
+        self.device = self.params[0].device
+        _check_same_parameters(self.params, process_group, self.device)
+        self.spans, self.row_sharded = ownership_spans(optimizer, self.world_size)
+        self.position = {param: k for k, param in enumerate(self.params)}
+        self.shards, self.sharded_state = self._place_shards(optimizer, process_group)
+        super().__init__(optimizer, [k for k, spans in enumerate(self.spans) if _size(spans[self.rank])],
+                         process_group)
+        self.gather_plans = self._gather_plans(optimizer)
+        if model is not None:
+            self._hook_into(model)
 
     def __repr__(self):
         return f"ZeroRedundancy(rank {self.rank} of {self.world_size}, {self.optimizer!r})"
@@ -239,8 +233,94 @@ class ZeroRedundancy(OwnedShareStepper):
     def state(self):
         return self.optimizer.state
 
+    # ---- who holds what -------------------------------------------------------------------------------------------
+    def _place_shards(self, optimizer: BaseOptimizer, process_group):
+        """Put this rank's rows of each row-sharded parameter in its place in the param groups. Returns (position →
+        shard, position → the DTensor that shard is a part of, for checkpoints that reshard)."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        mesh = DeviceMesh.from_group(process_group or dist.group.WORLD, self.device.type) if self.row_sharded else None
+        shards, templates = {}, {}
+        for group in optimizer.param_groups:
+            for i, param in enumerate(group["params"]):
+                k = self.position[param]
+                if k not in self.row_sharded:
+                    continue
+                first, end = (e // _row_numel(param) for e in self.spans[k][self.rank])
+                shard = torch.nn.Parameter(param.detach()[first:end], requires_grad=param.requires_grad)
+                group["params"][i] = shards[k] = shard
+                templates[k] = DTensor.from_local(shard.detach(), mesh, [Shard(0)], run_check=False,
+                                                  shape=param.shape, stride=param.stride())
+        return shards, templates
+
+    def _gather_plans(self, optimizer: BaseOptimizer) -> dict[int, list[tuple[torch.dtype, int, list]]]:
+        """Per group index, one entry per dtype: (dtype, segment size, [per rank: its (position, first, end)
+        spans]). One all-gather of each rank's updated elements, padded to the segment size, per entry."""
+        plans = {}
+        first_position = [0]
+        for group in optimizer.param_groups:
+            first_position.append(first_position[-1] + len(group["params"]))
+        for g in range(len(optimizer.param_groups)):
+            by_dtype: dict[torch.dtype, list[list]] = {}
+            for k in range(first_position[g], first_position[g + 1]):
+                per_rank = by_dtype.setdefault(self.params[k].dtype, [[] for _ in range(self.world_size)])
+                for rank, span in enumerate(self.spans[k]):
+                    if _size(span):
+                        per_rank[rank].append((k, *span))
+            plans[g] = []
+            for dtype, per_rank in by_dtype.items():
+                size = max(sum(end - first for _, first, end in spans) for spans in per_rank)
+                if size:
+                    plans[g].append((dtype, size, per_rank))
+        return plans
+
+    def _hook_into(self, model) -> None:
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise TypeError(f"ZeroRedundancy: model must be the DistributedDataParallel model whose gradients are "
+                            f"to be reduce-scattered, got {type(model).__name__}")
+        unknown = [name for name, p in model.module.named_parameters() if p.requires_grad and p not in self.position]
+        if unknown:
+            raise ValueError(f"ZeroRedundancy: the DDP model's parameter {unknown[0]!r} is not in the optimizer: "
+                             f"every gradient DDP reduces needs an owner")
+        self.reduce_scatter_has_future = dist.get_backend(self.group) != "gloo"
+        model.register_comm_hook(None, self._reduce_scatter_hook)
+
+    def _reduce_scatter_hook(self, state, bucket):
+        """DDP's comm hook: each rank receives the sum of the elements it owns only (one reduce-scatter per bucket:
+        uneven parts, as ownership falls), divided by the world size as DDP's all-reduce would."""
+        parts: list[list[torch.Tensor]] = [[] for _ in range(self.world_size)]
+        for param, grad in zip(bucket.parameters(), bucket.gradients()):  # views of bucket.buffer()
+            flat = grad.view(-1)
+            for rank, (first, end) in enumerate(self.spans[self.position[param]]):
+                if end > first:
+                    parts[rank].append(flat[first:end])
+        buffer = bucket.buffer()
+        inputs = [torch.cat(views) if views else buffer.new_empty(0) for views in parts]
+        mine = parts[self.rank]
+        received = torch.empty_like(inputs[self.rank])
+        work = dist.reduce_scatter(received, inputs, group=self.group, async_op=True)
+
+        def average_into_place(_=None):
+            if mine:
+                torch._foreach_copy_(mine, received.div_(self.world_size).split([v.numel() for v in mine]))
+            return buffer
+
+        if self.reduce_scatter_has_future:
+            return work.get_future().then(average_into_place)
+        work.wait()  # gloo's reduce-scatter has no future: wait here, inside the backward pass
+        done = torch.futures.Future()
+        done.set_result(average_into_place())
+        return done
+
+    # ---- a step ---------------------------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        for param in self.params:
+            if param.grad is not None:
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad.detach_().zero_()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -248,30 +328,140 @@ class ZeroRedundancy(OwnedShareStepper):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = params_in_order(self.optimizer)
-        others = {i: params[i].grad for i in range(len(params)) if i not in self.held}
-        for i in others:
-            params[i].grad = None
+        hidden = {}  # the gradients of whole tensors other ranks own: this rank does not step them
+        for k, param in enumerate(self.params):
+            if k in self.shards:
+                first, end = self.spans[k][self.rank]
+                self.shards[k].grad = None if param.grad is None else param.grad.view(-1)[first:end].view(
+                    self.shards[k].shape)
+            elif k not in self.held and param.grad is not None:
+                hidden[k], param.grad = param.grad, None
+        pending = []
         try:
-            self.step_owned(self.device)
+            self.step_owned(self.device, after_group=lambda g: pending.extend(self._start_gathers(g)))
         finally:
-            for i, grad in others.items():
-                params[i].grad = grad
-        self._broadcast_params()
+            for k, grad in hidden.items():
+                self.params[k].grad = grad
+            for shard in self.shards.values():
+                shard.grad = None
+            for handle, finish in pending:
+                handle.wait()
+                finish()
         return loss
 
-    def _broadcast_params(self) -> None:
-        pending = []
-        for owner, bucket in self.buckets:
-            flat = _flatten_dense_tensors(bucket) if owner == self.rank else torch.empty(
-                sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
-            source = owner if self.group is None else dist.get_global_rank(self.group, owner)
-            pending.append((owner, bucket, flat, dist.broadcast(flat, source, group=self.group, async_op=True)))
-        for owner, bucket, flat, handle in pending:
-            handle.wait()
-            if owner != self.rank:
-                for param, value in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                    param.copy_(value)
+    def _start_gathers(self, group_index: int) -> list:
+        """Issue the all-gathers of one group's updated elements (asynchronous: the next groups step meanwhile);
+        return (handle, copy-out) pairs."""
+        started = []
+        for dtype, size, per_rank in self.gather_plans[group_index]:
+            views = [self.params[k].view(-1)[first:end] for k, first, end in per_rank[self.rank]]
+            sizes = [v.numel() for v in views]
+            segment = torch.zeros(size, dtype=dtype, device=self.device)
+            if views:
+                torch._foreach_copy_(list(segment[:sum(sizes)].split(sizes)), views)
+            gathered = segment.new_empty(size * self.world_size)
+            handle = dist.all_gather_single(gathered, segment, group=self.group, async_op=True)
+            started.append((handle, lambda gathered=gathered, size=size, per_rank=per_rank:
+                            self._copy_out(gathered, size, per_rank)))
+        return started
+
+    def _copy_out(self, gathered: torch.Tensor, size: int, per_rank: list) -> None:
+        for rank, spans in enumerate(per_rank):
+            if rank == self.rank or not spans:
+                continue
+            targets = [self.params[k].view(-1)[first:end] for k, first, end in spans]
+            sizes = [t.numel() for t in targets]
+            torch._foreach_copy_(targets, list(gathered[rank * size:rank * size + sum(sizes)].split(sizes)))
+
+    def grad_norm(self) -> float:
+        """The global L2 norm of the averaged gradients, from the parts each rank owns (one all-reduce, read back):
+        after a reduce-scatter, the only parts that hold the average."""
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for k in self.held:
+            grad = self.params[k].grad
+            if grad is not None:
+                first, end = self.spans[k][self.rank]
+                squares += torch.linalg.vector_norm(grad.view(-1)[first:end], dtype=torch.float64).square()
+        dist.all_reduce(squares, group=self.group)
+        return squares.sqrt().item()
+
+    # ---- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The consolidated state (a collective call): every rank's share merged, row shards joined, as one process
+        holds it."""
+        own = self.optimizer.state_dict()
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, _to_cpu(own["state"]), group=self.group)
+        merged = {}
+        for k in range(len(self.params)):
+            shares = [part[k] for part in parts if k in part]  # in rank order
+            if k in self.row_sharded:
+                merged[k] = {key: value if key == "step" else torch.cat([share[key] for share in shares])
+                             for key, value in shares[0].items()}
+            elif shares:
+                merged[k] = shares[0]
+        return {**own, "state": merged}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a consolidated state (from any number of ranks, or one process); keep this rank's share."""
+        share = {}
+        for k, entries in state_dict["state"].items():
+            if k not in self.held:
+                continue
+            if k in self.row_sharded:
+                first, end = (e // _row_numel(self.params[k]) for e in self.spans[k][self.rank])
+                entries = {key: value if key == "step" else value[first:end].clone() for key, value in entries.items()}
+            share[k] = entries
+        self.optimizer.load_state_dict({**state_dict, "state": share})
+
+
+def row_shards(rows: int, world_size: int) -> list[tuple[int, int]]:
+    """Each rank's rows [first, end) of a dim 0 of `rows`: torch.chunk's split (ceil(rows / world) each, the last
+    shorter or empty), which is DTensor's Shard(0) and FSDP2's, so that checkpoints reshard across world sizes."""
+    size = -(-rows // world_size)
+    return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world_size)]
+
+
+def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> tuple[list[list[tuple[int, int]]], set[int]]:
+    """Per parameter (group order) and rank, the elements [first, end) of the flattened parameter whose state that
+    rank holds and steps; and the positions split by rows.
+
+    A parameter of an elementwise branch (its state shaped like it) is split by rows over every rank: each element's
+    update reads that element only. Any other parameter is whole on one owner, assigned by state bytes on top of the
+    row shards' load, so that per-tensor computations (Muon's and Scion's Newton–Schulz, Soap's blocks, Cautious'
+    mask mean, Adam-mini's blocks) stay exact, and same-shape matrices end up batched on each owner.
+    """
+    costs = state_bytes_of(optimizer)
+    spans: list = []
+    row_sharded, whole = set(), []
+    load = [0] * world_size
+    for group in optimizer.param_groups:
+        elementwise = group["branch"] in optimizer.elementwise_branches
+        for param in group["params"]:
+            k = len(spans)
+            shapes = optimizer.state_shapes(group, param) if param.numel() else {}
+            if elementwise and param.numel() and all(key == "step" or tuple(shape) == tuple(param.shape)
+                                                     for key, shape in shapes.items()):
+                row = _row_numel(param)
+                spans.append([(first * row, end * row) for first, end in row_shards(param.shape[0], world_size)])
+                row_sharded.add(k)
+                for rank, span in enumerate(spans[k]):
+                    load[rank] += costs[k] * _size(span) // param.numel()
+            else:
+                spans.append(None)
+                whole.append(k)
+    params = params_in_order(optimizer)
+    for k, owner in zip(whole, assign_owners([costs[k] for k in whole], world_size, load)):
+        spans[k] = [(0, params[k].numel() if rank == owner else 0) for rank in range(world_size)]
+    return spans, row_sharded
+
+
+def _size(span: tuple[int, int]) -> int:
+    return span[1] - span[0]
+
+
+def _row_numel(param: torch.Tensor) -> int:
+    return param[0].numel() if param.ndim else 1
 
 
 def _check_same_parameters(params: list[torch.Tensor], group, device: torch.device) -> None:

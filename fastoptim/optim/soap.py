@@ -101,7 +101,7 @@ class Soap(BaseOptimizer):
         scales = self.clip_scales(work)
         for item in work:
             group, scale = item.group, scales.get(item.index)
-            grads = item.grads if scale is None else torch._foreach_mul(item.grads, scale)
+            grads = item.grads if scale is None or not item.grads else torch._foreach_mul(item.grads, scale)
             batches = defaultdict(list)  # same block shape, rotated axes and step: one batched call
             for i, p in enumerate(item.params):
                 layout = self.layout(group, p)

@@ -4,8 +4,9 @@ Under torchrun (WORLD_SIZE > 1) each rank gets batch_size / world_size sequences
 data/loader.py), so the run computes the same global-batch gradient as a single process. Modes:
 
 - ddp: DistributedDataParallel; every rank holds and steps the whole optimizer.
-- zero1: DDP plus fastoptim.ZeroRedundancy: each rank holds and steps its share of the optimizer state (whole
-  tensors by state bytes) and broadcasts its updated parameters (fastoptim/optim/distributed.py).
+- zero1: DDP plus fastoptim.ZeroRedundancy: gradients reduce-scattered, each rank holds and steps its share of the
+  optimizer state (row shards of the elementwise branches, whole tensors by state bytes for the rest), parameters
+  all-gathered back (fastoptim/optim/distributed.py).
 - fsdp: FSDP2 (`fully_shard` per transformer block, then the root) shards parameters and gradients. Optimizers step
   through `OwnerStepper`: every parameter has one owner rank (the same assignment as ZeRO-1), which receives the
   whole gradient, runs the optimizer on the whole tensor (Muon and Scion need whole matrices for Newton–Schulz) and
@@ -16,6 +17,7 @@ Optimizers that cannot shard by parameter (Kron: its noise draws span all parame
 whose Hessian-vector product bypasses the gradient reduction, on one process only.
 """
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +124,14 @@ def global_norm(tensors: list[torch.Tensor]) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item()
 
 
+def gradient_norm(model: nn.Module, optimizer) -> float:
+    """The global norm of the step's averaged gradients, read back (one sync). Under ZeRO-1 they are averaged only
+    where each rank owns the state (a reduce-scatter), so the optimizer sums the owners' parts."""
+    if isinstance(optimizer, ZeroRedundancy):
+        return optimizer.grad_norm()
+    return global_norm([p.grad for p in unwrap(model).parameters() if p.grad is not None])
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
@@ -160,7 +170,7 @@ def build_sharded_optimizer(mode: str, model: nn.Module, optimizer_of: Callable[
     if mode == "fsdp":
         return OwnerStepper(model, make_shadow, optimizer_of, env)
     optimizer = optimizer_of(unwrap(model))
-    return ZeroRedundancy(optimizer) if mode == "zero1" else optimizer
+    return ZeroRedundancy(optimizer, model=model) if mode == "zero1" else optimizer
 
 
 class OwnerStepper(OwnedShareStepper):
@@ -170,9 +180,9 @@ class OwnerStepper(OwnedShareStepper):
     whole; the AdamW/signum branches of Muon, Scion and Adam-mini) step in place on the local shards: no gather, and
     each rank holds 1/world of their state. Every other parameter (matrices of Muon, Scion and Adam-mini; everything
     of Cautious and Soap, whose updates read whole tensors) has one owner rank, assigned by state bytes as under
-    ZeRO-1: its gradient's shards are gathered to the owner alone (one `gather` per parameter, issued together; not
-    yet one all-to-all per shape bucket), the owner steps the whole tensor, and its new value is scattered back into
-    the shards. The optimizer is built over a "shadow" module holding the local shards (sharing the model's storage),
+    ZeRO-1: its gradient's shards go to the owner alone (one all-to-all per bucket of same-shape parameters, all
+    issued together), the owner steps the whole tensor, and its new value goes back into the shards (one all-to-all
+    per bucket). The optimizer is built over a "shadow" module holding the local shards (sharing the model's storage),
     the owned whole tensors and, for parameters owned elsewhere, meta tensors (no memory; no gradient, so skipped).
     The clip is the global norm over all shards and owners (one all-reduce).
     """
@@ -192,8 +202,9 @@ class OwnerStepper(OwnedShareStepper):
         costs = dict(zip((n for group in probe.param_groups for n in group["names"]), state_bytes_of(probe)))
         whole = [name for name, _ in self.params if name not in self.local]
         self.owner = dict(zip(whole, assign_owners([costs[name] for name in whole], env.world_size)))
-        gathered = self._gather_to_owners([(name, param.to_local()) for name, param in self.params
-                                           if name not in self.local])
+        self.buckets = self._shape_buckets()
+        gathered = self._gather_to_owners({name: param.to_local() for name, param in self.params
+                                           if name not in self.local})
         for name, param in self.params:
             module_name, _, leaf = name.rpartition(".")
             if name in self.local:  # the same storage as the model's shard: a step writes the model directly
@@ -211,57 +222,78 @@ class OwnerStepper(OwnedShareStepper):
         # torch position → the model's DTensor, for state held as local shards (checkpoints wrap it as DTensors)
         self.sharded_state = {k: params[name] for k, name in enumerate(positions) if name in self.local}
         held = [k for k, name in enumerate(positions) if name in self.local or self.owner[name] == env.rank]
-        super().__init__(optimizer, held, how="mode fsdp")
+        super().__init__(optimizer, held)
 
-    def _gather_to_owners(self, locals_: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Each named local shard gathered into its whole tensor on its owner (every rank calls it): name → whole
-        tensor, for this rank's names."""
-        world, params = self.env.world_size, dict(self.params)
+    def _shape_buckets(self) -> list[list[str]]:
+        """The owned-whole parameters grouped by shape and dtype (model order): same-shape shards are equal, so one
+        all-to-all moves a bucket each way."""
+        buckets: dict[tuple, list[str]] = {}
+        for name, param in self.params:
+            if name not in self.local:
+                buckets.setdefault((tuple(param.shape), param.dtype), []).append(name)
+        return list(buckets.values())
+
+    def _gather_to_owners(self, shards: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each named local shard gathered into its whole tensor on its owner (every rank calls it, with the same
+        names): one all-to-all per shape bucket, in which every rank sends each shard to that tensor's owner alone.
+        Returns name → whole tensor, for the names this rank owns."""
+        world, me, shapes = self.env.world_size, self.env.rank, dict(self.params)
         pending = []
-        for name, local in locals_:
-            shape = params[name].shape
+        for bucket in self.buckets:
+            names = [name for name in bucket if name in shards]
+            if not names:
+                continue
+            shape = shapes[names[0]].shape
             rows = -(-shape[0] // world)  # FSDP2's dim-0 chunk; the last shards may be shorter or empty
-            padded = local.new_zeros((rows, *shape[1:]))
-            padded[:local.shape[0]] = local
-            owner = self.owner[name]
-            parts = [torch.empty_like(padded) for _ in range(world)] if owner == self.env.rank else None
-            handle = dist.gather(padded, parts, dst=dist.get_global_rank(self.process_group, owner),
-                                 group=self.process_group, async_op=True)
-            pending.append((name, shape, parts, handle))
+            by_owner = [[name for name in names if self.owner[name] == rank] for rank in range(world)]
+            send = torch.cat([_padded_rows(shards[name], rows).reshape(-1) for owned in by_owner for name in owned])
+            block = send.numel() // len(names)
+            received = send.new_empty(len(by_owner[me]) * block * world)
+            handle = dist.all_to_all_single(received, send, output_split_sizes=[len(by_owner[me]) * block] * world,
+                                            input_split_sizes=[len(owned) * block for owned in by_owner],
+                                            group=self.process_group, async_op=True)
+            pending.append((by_owner[me], shape, rows, received, handle))
         wholes = {}
-        for name, shape, parts, handle in pending:
+        for mine, shape, rows, received, handle in pending:
             handle.wait()
-            if parts is not None:
-                wholes[name] = torch.cat(parts)[:shape[0]]
+            parts = received.view(world, len(mine), rows, *shape[1:])  # [from rank][owned tensor][its rows]
+            for j, name in enumerate(mine):
+                wholes[name] = parts[:, j].reshape(world * rows, *shape[1:])[:shape[0]]
         return wholes
 
     def _scatter_from_owners(self) -> None:
-        """Each owner's updated whole tensor back into every rank's shard (every rank calls it)."""
-        world = self.env.world_size
+        """Each owner's updated whole tensors back into every rank's shards (every rank calls it): one all-to-all
+        per shape bucket, the reverse of the gather."""
+        world, me = self.env.world_size, self.env.rank
+        position = {name: i for i, (name, _) in enumerate(self.params)}
+        params = dict(self.params)
         pending = []
-        for i, (name, param) in enumerate(self.params):
-            if name in self.local:
-                continue
-            local = param.to_local()
-            rows = -(-param.shape[0] // world)
-            received = local.new_empty((rows, *param.shape[1:]))
-            parts = None
-            if self.owner[name] == self.env.rank:
-                padded = local.new_zeros((rows * world, *param.shape[1:]))
-                padded[:param.shape[0]] = self.shadow_params[i].detach()
-                parts = list(padded.split(rows))
-            handle = dist.scatter(received, parts, src=dist.get_global_rank(self.process_group, self.owner[name]),
-                                  group=self.process_group, async_op=True)
-            pending.append((local, received, handle))
-        for local, received, handle in pending:
+        for bucket in self.buckets:
+            shape = params[bucket[0]].shape
+            rows = -(-shape[0] // world)
+            by_owner = [[name for name in bucket if self.owner[name] == rank] for rank in range(world)]
+            mine = [_padded_rows(self.shadow_params[position[name]].detach(), rows * world) for name in by_owner[me]]
+            # [to rank][owned tensor][its rows]: rank d's rows of every tensor this rank owns, in order
+            send = (torch.stack(mine).view(len(mine), world, -1).transpose(0, 1).reshape(-1) if mine
+                    else params[bucket[0]].to_local().new_empty(0))
+            block = rows * math.prod(shape[1:])
+            received = send.new_empty(len(bucket) * block)
+            handle = dist.all_to_all_single(received, send,
+                                            output_split_sizes=[len(owned) * block for owned in by_owner],
+                                            input_split_sizes=[len(mine) * block] * world,
+                                            group=self.process_group, async_op=True)
+            pending.append(([name for owned in by_owner for name in owned], rows, received, handle))
+        for names, rows, received, handle in pending:
             handle.wait()
-            local.copy_(received[:local.shape[0]])
+            for name, part in zip(names, received.view(len(names), rows, -1)):
+                local = params[name].to_local()
+                local.copy_(part[:local.shape[0]].view(local.shape))
 
     @torch.no_grad()
     def sync_from_model(self) -> None:
         """The shadow's tensors := the model's (after the model loaded a checkpoint)."""
-        gathered = self._gather_to_owners([(name, param.to_local()) for name, param in self.params
-                                           if name not in self.local])
+        gathered = self._gather_to_owners({name: param.to_local() for name, param in self.params
+                                           if name not in self.local})
         for i, (name, param) in enumerate(self.params):
             if name in self.local:
                 self.shadow_params[i].copy_(param.to_local())
@@ -273,8 +305,8 @@ class OwnerStepper(OwnedShareStepper):
         for i, (name, param) in enumerate(self.params):
             if name in self.local and param.grad is not None:
                 self.shadow_params[i].grad = param.grad.to_local()
-        gathered = self._gather_to_owners([(name, param.grad.to_local()) for name, param in self.params
-                                           if name not in self.local and param.grad is not None])
+        gathered = self._gather_to_owners({name: param.grad.to_local() for name, param in self.params
+                                           if name not in self.local and param.grad is not None})
         for i, (name, _) in enumerate(self.params):
             if name in gathered:
                 self.shadow_params[i].grad = gathered[name]
@@ -357,8 +389,9 @@ def checkpoint_tensors(model: nn.Module, optimizer, fsdp: bool) -> tuple[dict[st
 
 
 def _sharded_like(optimizer, position: int):
-    """The model's DTensor whose local shard this state position is (FSDP2's elementwise branches), else None."""
-    return optimizer.sharded_state.get(position) if isinstance(optimizer, OwnerStepper) else None
+    """The DTensor whose local shard this state position is (FSDP2's and ZeRO-1's row-sharded elementwise
+    branches), else None."""
+    return optimizer.sharded_state.get(position) if isinstance(optimizer, OwnedShareStepper) else None
 
 
 def _local_part(value: torch.Tensor) -> torch.Tensor:
@@ -430,3 +463,12 @@ def full_model_state(model: nn.Module, fsdp: bool) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _padded_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with dim 0 zero-padded to `rows` (itself when it has them)."""
+    if tensor.shape[0] == rows:
+        return tensor
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    return padded

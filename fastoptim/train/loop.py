@@ -31,10 +31,10 @@ from fastoptim.optim.paper import BASELINE, paper_hparams
 from fastoptim.train import checkpoint as ckpt
 from fastoptim.train.batches import DeviceBatches
 from fastoptim.train.distributed import (barrier, build_sharded_optimizer, check_mode, checkpoint_tensors,
-                                         full_model_state, global_norm, init_distributed, min_over_ranks,
-                                         optimizer_state_bytes, per_rank, restore_checkpoint, run_mode,
-                                         shutdown_distributed, sum_over_ranks, unwrap, world_size_from_env,
-                                         wrap_model)
+                                         full_model_state, global_norm, gradient_norm, init_distributed,
+                                         min_over_ranks, optimizer_state_bytes, per_rank, restore_checkpoint,
+                                         run_mode, shutdown_distributed, sum_over_ranks, unwrap,
+                                         world_size_from_env, wrap_model)
 from fastoptim.train.divergence import divergence_reason
 from fastoptim.train.metrics import MetricsLog, check_logger
 from fastoptim.train.micro_batch import (cached_probe, check_micro_batch, fits_on_gpu, largest_fitting,
@@ -362,7 +362,7 @@ def _run(cfg: TrainConfig, plan: Plan, env) -> RunResult:
                                  hessian=plan.needs_hvp and optimizer.hessian_due,
                                  defer_grad_sync=fsdp and cfg.fsdp_defer_grad_sync)
         if logging:
-            grad_norm = global_norm([p.grad for p in unwrap(model).parameters() if p.grad is not None])
+            grad_norm = gradient_norm(model, optimizer)
             synchronize(env.device)
             stepped = time.perf_counter()
         optimizer.step()
