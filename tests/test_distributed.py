@@ -14,13 +14,8 @@ from fastoptim.optim.registry import OPTIMIZERS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 10
-# Where each mode applies: DDP takes every optimizer but SophiaH (its Hessian-vector product bypasses DDP's
-# averaging); ZeRO-1 every optimizer that shards by parameter.
-MODES = {
-    "ddp": [n for n, cls in OPTIMIZERS.items() if not cls.needs_hvp],
-    "zero1": [n for n, cls in OPTIMIZERS.items() if cls.shardable and not cls.needs_hvp],
-    "fsdp": [n for n, cls in OPTIMIZERS.items() if cls.shardable and not cls.needs_hvp],
-}
+# Every mode takes every optimizer but SophiaH (its Hessian-vector product bypasses the data-parallel averaging).
+MODES = dict.fromkeys(("ddp", "zero1", "fsdp"), [n for n, cls in OPTIMIZERS.items() if not cls.needs_hvp])
 
 
 def _free_port() -> int:

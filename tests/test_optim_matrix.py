@@ -10,6 +10,7 @@ from torch import nn
 
 import fastoptim
 from fastoptim.optim.functional.newton_schulz import newton_schulz
+from fastoptim.optim.kron import kron_noise_seed
 from reference_matrix import adamw_step, clip_, muon_matrix_step, ns_reference, signum_step
 
 # ---------------------------------------------------------------- shared helpers
@@ -638,8 +639,13 @@ def run_kron(groups_spec, steps, gen, hp=KRON_HP, device="cpu", skipped=lambda s
     opt = fastoptim.Kron([dict(params=ps, **opts) for ps, (_, _, opts) in zip(params, groups_spec)], **hp, seed=seed)
     refs = [[p.detach().double().cpu() for p in ps] for ps in params]
     states = [[{} for _ in ps] for ps in params]
-    noise_gen = torch.Generator(device).manual_seed(seed)  # the library's generator and draw order
-    draw = lambda shape: torch.randn(shape, generator=noise_gen, device=device).double().cpu()
+    noise_gen = torch.Generator(device)
+
+    def draws(position, step):  # the library's stream of that parameter and step (its generator, reseeded)
+        return lambda shape: torch.randn(shape, generator=noise_gen.manual_seed(kron_noise_seed(seed, position, step)),
+                                         device=device).double().cpu()
+
+    first_positions = [sum(len(shapes) for shapes, _, _ in groups_spec[:k]) for k in range(len(groups_spec))]
     updated = []
     for step in range(steps):
         grads = [random_grads(ps, gen) for ps in params]
@@ -657,7 +663,7 @@ def run_kron(groups_spec, steps, gen, hp=KRON_HP, device="cpu", skipped=lambda s
             for j, g in zip(present, gs):
                 p, st, lay = refs[k][j], states[k][j], layouts[j]
                 updated.append(kron_step(
-                    p, g, st, draw, **lay, lr=g_hp["lr"], beta1=g_hp["betas"][0], weight_decay=g_hp["weight_decay"],
+                    p, g, st, draws(first_positions[k] + j, step + 1), **lay, lr=g_hp["lr"], beta1=g_hp["betas"][0], weight_decay=g_hp["weight_decay"],
                     normalize_grads=g_hp.get("normalize_grads", False), precond_lr=g_hp["precond_lr"],
                     p_min=g_hp["precond_update_prob_min"], flat_start=g_hp["precond_update_flat_start"],
                     init_scale=g_hp["init_scale"]))

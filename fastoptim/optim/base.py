@@ -148,9 +148,6 @@ class BaseOptimizer(torch.optim.Optimizer):
     # Capabilities the trainer reads instead of optimizer names:
     # which branches max_grad_norm clips (None: every group; split optimizers clip their elementwise branch only);
     clipped_branches: frozenset[str] | None = None
-    # whether each parameter can be stepped on its own by one owner rank (ZeRO-1 and FSDP2's owner stepping, with the
-    # clip from the global norm over ranks); False where the random draws span all parameters of the optimizer;
-    shardable: bool = True
     # the branches whose update of an element reads only that element (and the global clip factor), so that each
     # shard of a parameter steps on its own (FSDP2 steps them on the local shards, without gathering);
     elementwise_branches: frozenset[str] = frozenset()

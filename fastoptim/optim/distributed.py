@@ -30,9 +30,9 @@ param groups, LR schedulers and state_dict keep torch's conventions) and that ho
   and keeps each rank's share. ``local_state_dict()`` is this rank's share alone, and ``sharded_state`` maps each
   row-sharded position to the DTensor its share is a part of (checkpoints through DCP that reshard).
 
-Optimizers that cannot shard are refused at construction, on every rank: those whose ``shardable`` is False (Kron
-draws its preconditioner noise from one generator across all parameters, so a share would draw other numbers) and
-those that need a Hessian-vector product (SophiaH: autograd.grad bypasses DDP's gradient averaging).
+Every optimizer shards but those that need a Hessian-vector product (SophiaH: autograd.grad bypasses DDP's gradient
+averaging), which are refused at construction, on every rank. (Kron draws each parameter's noise from its own
+stream, so its owner draws what one process would.)
 """
 
 from collections.abc import Callable, Iterable
@@ -84,16 +84,13 @@ def held_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def check_shardable(optimizer, how: str) -> None:
-    """Raise, naming the optimizer and why, if its parameters cannot each be stepped by one owner rank."""
+    """Raise, naming the optimizer and why, if its parameters cannot be stepped by their owner ranks."""
     name = type(optimizer).__name__
     if not isinstance(optimizer, BaseOptimizer):
         raise TypeError(f"{how}: expected a fastoptim optimizer, got {name}")
     if getattr(optimizer, "needs_hvp", False):
         raise ValueError(f"{how}: {name} takes a Hessian-vector product through autograd.grad, which bypasses the "
                          f"data-parallel gradient averaging: run it on one process")
-    if not optimizer.shardable:
-        raise ValueError(f"{how}: {name} cannot shard its state by parameter (its random draws or schedule span "
-                         f"all parameters, so one rank's share would draw other numbers): run it without sharding")
 
 
 def _to_cpu(value):

@@ -1,5 +1,6 @@
 """PSGD-Kron: momentum preconditioned by learned Kronecker factors, on blocks of every parameter (spec §1.9)."""
 
+import hashlib
 import math
 from collections import defaultdict
 from functools import lru_cache
@@ -59,6 +60,14 @@ def update_probability(step: int, flat_start: int, p_min: float) -> float:
     return min(1.0, max(p_min, math.exp(-0.001 * (step - flat_start))))
 
 
+def kron_noise_seed(seed: int, position: int, step: int) -> int:
+    """The seed of the N(0, I) draw V of the parameter at `position` (its place in param-group order, torch's
+    state_dict numbering) on optimizer step `step` (counted from 1): a hash, so that the draws are independent
+    across parameters and steps, and that any rank stepping that parameter draws the same numbers."""
+    digest = hashlib.blake2b(f"{seed}:{position}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class Kron(BaseOptimizer):
     """PSGD-Kron (benchmark-spec §1.9), applied to every parameter.
 
@@ -74,9 +83,11 @@ class Kron(BaseOptimizer):
     (before the update) the factor norms are balanced → u = (Q_1ᵀQ_1 ⊗ …)·m̂ with the updated factors →
     u ← u/max(1, rms(u)/1.1) per parameter → w ← w − lr·(u + λw).
 
-    V comes from a torch.Generator per device seeded with `seed`, one N(0, I) draw of shape (num_blocks, *block)
-    per parameter in group order on update steps; the generators, the step and the counters are part of the
-    state dict, so a resumed run draws what an uninterrupted one would.
+    V is one N(0, I) draw of shape (num_blocks, *block) per parameter on update steps, from a generator seeded with
+    ``kron_noise_seed(seed, position, step)``: a stream per parameter and step, so that under ZeRO-1 or FSDP2 the
+    rank owning a parameter draws what one process would, and a resumed run what an uninterrupted one would (the
+    seed, the step and the schedule's counters are in the state dict). The schedule advances once per step, at its
+    first ``update`` (a sharded step updates group by group).
 
     Not capturable in one CUDA graph: whether a step updates the preconditioner is decided on the host.
 
@@ -100,7 +111,6 @@ class Kron(BaseOptimizer):
     """
 
     native_ops = ("kron_update_preconditioner_", "kron_precondition", "kron_balance_", "decoupled_update_")
-    shardable = False
     capturable = False
     host_steps = True  # the preconditioner schedule is decided on the host
     hparam_rules = {
@@ -130,7 +140,8 @@ class Kron(BaseOptimizer):
         super().__init__(params, defaults, fused=fused, check_finite=check_finite, overrides=overrides)
         self.seed = seed
         self.schedule = {"step": 0, "update_counter": 0, "balance_counter": 0}
-        self.generators: dict[str, torch.Generator] = {}
+        self.generators: dict[str, torch.Generator] = {}  # one per device, reseeded for each draw
+        self.step_plan: tuple[bool, bool] | None = None  # this step's (update the factors, balance them first)
 
     # ---- state -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -168,14 +179,17 @@ class Kron(BaseOptimizer):
 
     def state_dict(self):
         out = super().state_dict()
-        out["kron"] = {**self.schedule, "seed": self.seed,
-                       "generators": {device: gen.get_state() for device, gen in self.generators.items()}}
+        out["kron"] = {**self.schedule, "seed": self.seed}
         return out
 
     def load_state_dict(self, state_dict):
         if "kron" not in state_dict:
             raise ValueError("state_dict: missing 'kron' (the step, counters and generators of a Kron optimizer)")
         extra = state_dict["kron"]
+        if "generators" in extra:
+            raise ValueError("state_dict: saved by a Kron that drew all its noise from one shared generator (before "
+                             "per-parameter streams); a run resumed from it would draw other numbers, so it is "
+                             "refused")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kron"})
         # torch casts loaded state to the parameter's dtype; the factors stay float32 (a bf16 model keeps them exact)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
@@ -185,15 +199,13 @@ class Kron(BaseOptimizer):
                         self.state[param][key] = value.to(device=param.device, dtype=torch.float32, copy=True)
         self.schedule = {k: int(extra[k]) for k in ("step", "update_counter", "balance_counter")}
         self.seed = int(extra["seed"])
-        self.generators = {}
-        for device, gen_state in extra["generators"].items():
-            self._generator(torch.device(device)).set_state(gen_state)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self.generators:
-            self.generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self.generators[key]
+    def _noise(self, shape: tuple[int, ...], device: torch.device, position: int) -> torch.Tensor:
+        if str(device) not in self.generators:
+            self.generators[str(device)] = torch.Generator(device=device)
+        generator = self.generators[str(device)]
+        generator.manual_seed(kron_noise_seed(self.seed, position, self.schedule["step"]))
+        return torch.randn(shape, generator=generator, device=device)
 
     # ---- a step ------------------------------------------------------------------------------------------------
     def _schedule_step(self, group: dict) -> bool:
@@ -208,13 +220,21 @@ class Kron(BaseOptimizer):
         schedule["balance_counter"] += 1
         return True
 
+    def prepare_step(self) -> list[GroupWork]:
+        work = super().prepare_step()
+        self.step_plan = None  # decided by this step's first update
+        return work
+
     def update(self, work: list[GroupWork]) -> None:
         scales = self.clip_scales([item for item in work if not item.group["normalize_grads"]])
-        # One schedule for the whole optimizer (as Levanter's single counter), read from the first group.
-        due = self._schedule_step(self.param_groups[0])
-        balance = due and self.schedule["balance_counter"] >= BALANCE_EVERY
-        if balance:
-            self.schedule["balance_counter"] = 0
+        if self.step_plan is None:
+            # One schedule for the whole optimizer (as Levanter's single counter), read from the first group.
+            due = self._schedule_step(self.param_groups[0])
+            balance = due and self.schedule["balance_counter"] >= BALANCE_EVERY
+            if balance:
+                self.schedule["balance_counter"] = 0
+            self.step_plan = due, balance
+        due, balance = self.step_plan
         for item in work:
             if item.params:
                 self._group_step(item, scales.get(item.index), due, balance)
@@ -234,7 +254,8 @@ class Kron(BaseOptimizer):
         corrections = [1 / (1 - beta1 ** s.item()) for s in steps]  # m̂ = m·correction
         blocks = [lay.to_blocks(m).float() for lay, m in zip(layouts, exp_avgs)]
         if due:
-            noise = [torch.randn(b.shape, generator=self._generator(b.device), device=b.device) for b in blocks]
+            first = sum(len(group["params"]) for group in self.param_groups[:item.index])
+            noise = [self._noise(b.shape, b.device, first + position) for b, position in zip(blocks, item.positions)]
             # √eps·mean|m̂| over each parameter's blocks (its zero padding included)
             damping = torch._foreach_mul(torch._foreach_norm(blocks, 1),
                                          [DAMPING * c / max(b.numel(), 1) for c, b in zip(corrections, blocks)])

@@ -13,8 +13,7 @@ data/loader.py), so the run computes the same global-batch gradient as a single 
   scatters the result back into the shards. The clip uses the global norm over all owners, so clipped parameters
   spread like the rest.
 
-Optimizers that cannot shard by parameter (Kron: its noise draws span all parameters) run under ddp only; SophiaH,
-whose Hessian-vector product bypasses the gradient reduction, on one process only.
+SophiaH, whose Hessian-vector product bypasses the gradient reduction, runs on one process only.
 """
 
 import math
