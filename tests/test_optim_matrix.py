@@ -663,7 +663,8 @@ def run_kron(groups_spec, steps, gen, hp=KRON_HP, device="cpu", skipped=lambda s
             for j, g in zip(present, gs):
                 p, st, lay = refs[k][j], states[k][j], layouts[j]
                 updated.append(kron_step(
-                    p, g, st, draws(first_positions[k] + j, step + 1), **lay, lr=g_hp["lr"], beta1=g_hp["betas"][0], weight_decay=g_hp["weight_decay"],
+                    p, g, st, draws(first_positions[k] + j, step + 1), **lay, lr=g_hp["lr"], beta1=g_hp["betas"][0],
+                    weight_decay=g_hp["weight_decay"],
                     normalize_grads=g_hp.get("normalize_grads", False), precond_lr=g_hp["precond_lr"],
                     p_min=g_hp["precond_update_prob_min"], flat_start=g_hp["precond_update_flat_start"],
                     init_scale=g_hp["init_scale"]))

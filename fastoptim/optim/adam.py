@@ -28,7 +28,7 @@ class AdamW(BaseOptimizer):
     """
 
     native_ops = ("adamw_",)
-    elementwise_branches = frozenset({"default"})
+    row_local_branches = frozenset({"default"})
     nesterov = False
     cautious = False
 
@@ -69,7 +69,7 @@ class Cautious(AdamW):
     """
 
     native_ops = ("cautious_adamw_",)
-    elementwise_branches = frozenset()  # the mask's renormalisation is a mean over the whole tensor
+    row_local_branches = frozenset()  # the mask's renormalisation is a mean over the whole tensor
     cautious = True
 
 
@@ -87,7 +87,7 @@ class Mars(BaseOptimizer):
     """
 
     native_ops = ("mars_adamw_", "mars_clip_scale")
-    elementwise_branches = frozenset({"default"})
+    row_local_branches = frozenset({"default"})
     hparam_rules = {**AdamW.hparam_rules, "gamma": check_nonnegative}
 
     def __init__(self, params, lr=3e-3, betas=(0.95, 0.99), eps=1e-8, weight_decay=0.0, gamma=0.025,

@@ -58,7 +58,7 @@ class AdamMini(BaseOptimizer):
 
     native_ops = ("adamw_", "adam_mini_")
     clipped_branches = frozenset({"adamw"})
-    elementwise_branches = frozenset({"adamw"})
+    row_local_branches = frozenset({"adamw", "mini"})  # the per-row blocks of the mini branch shard by rows
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_grad_norm=None,
                  **options):

@@ -148,9 +148,10 @@ class BaseOptimizer(torch.optim.Optimizer):
     # Capabilities the trainer reads instead of optimizer names:
     # which branches max_grad_norm clips (None: every group; split optimizers clip their elementwise branch only);
     clipped_branches: frozenset[str] | None = None
-    # the branches whose update of an element reads only that element (and the global clip factor), so that each
-    # shard of a parameter steps on its own (FSDP2 steps them on the local shards, without gathering);
-    elementwise_branches: frozenset[str] = frozenset()
+    # the branches whose update of each row (dim-0 slice) of a parameter reads only that row, its rows of the state
+    # and the global clip factor, so that row shards step on their own (ZeRO-1 and FSDP2 split them over ranks; a
+    # state tensor has a row per parameter row: shaped like it, or one value per row; see distributed.row_shardable);
+    row_local_branches: frozenset[str] = frozenset()
     # whether a step needs a Hessian-vector product (``update_hessian(loss)`` on the steps where ``hessian_due``);
     needs_hvp: bool = False
     # whether a whole step() can be captured in a CUDA graph and replayed (given lr as a device tensor): no host read

@@ -10,19 +10,20 @@
 `ZeroRedundancy` wraps a constructed fastoptim optimizer that every rank builds over the same parameters (so the
 param groups, LR schedulers and state_dict keep torch's conventions) and that holds no state yet:
 
-- Ownership (``ownership_spans``): the parameters of elementwise branches (AdamW, NAdamW, Mars, Lion; the AdamW and
-  signum branches of Muon, Scion and Adam-mini) are split by rows over every rank, torch.chunk's split, which is
-  DTensor's Shard(0): each rank steps its rows, through a view put in the parameter's place in the param group.
-  Every other parameter has one owner rank that steps the whole tensor, assigned greedily (largest first onto the
-  least-loaded rank) by the bytes of the state it will hold (``state_shapes``): whole tensors keep every per-tensor
-  computation exact (Cautious' mask normalisation, Adam-mini's blocks, Soap's blocks, Muon's and Scion's
-  Newton–Schulz), and an owner's matrices of one shape are orthogonalised in one batched call, as in one process.
+- Ownership (``ownership_spans``): the parameters of row-local branches (AdamW, NAdamW, Mars, Lion; the AdamW and
+  signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) are split by rows over every rank,
+  torch.chunk's split, which is DTensor's Shard(0): each rank steps its rows, through a view put in the parameter's
+  place in the param group. Every other parameter has one owner rank that steps the whole tensor, assigned greedily
+  (largest first onto the least-loaded rank) by the bytes of the state it will hold (``state_shapes``): whole
+  tensors keep every per-tensor computation exact (Cautious' mask normalisation, Soap's and Kron's blocks,
+  Adam-mini's per-head blocks, Muon's and Scion's Newton–Schulz), and an owner's matrices of one shape are
+  orthogonalised in one batched call, as in one process.
 - Gradients: given the DDP model, a comm hook reduce-scatters each DDP bucket (each rank receives the average of
   the elements it owns; uneven parts, as ownership falls), overlapped with the backward pass as DDP's all-reduce is.
 - A step: the wrapped optimizer checks the owned gradients, state and hyperparameters (``prepare_step``); one
   all-reduce carries every rank's failure flag and its partial squared norm of each clipped set, so that bad input on
   any rank raises on every rank before anything is written, and the clip uses the global norm. Reading the failure
-  flag is one host synchronisation per step. Then the owners step group by group, elementwise branches first; after
+  flag is one host synchronisation per step. Then the owners step group by group, row-local branches first; after
   each group one all-gather per dtype (each rank's updated elements, padded to the longest share) starts, and runs
   while the next groups step (on a GPU, Muon's Newton–Schulz overlaps the all-gather of the embeddings).
 - ``state_dict()`` is the consolidated state, equal to the wrapped optimizer's in one process, so checkpoints do not
@@ -116,7 +117,7 @@ class OwnedShareStepper:
 
     def step_owned(self, device: torch.device, after_group: Callable[[int], None] | None = None) -> None:
         """prepare_step, the one agreement all-reduce (failures and clip norms), then the owners' update: group by
-        group, the elementwise branches first, calling ``after_group(index)`` after each (so that a group's
+        group, the row-local branches first, calling ``after_group(index)`` after each (so that a group's
         communication overlaps the next groups' update; Muon's Newton–Schulz comes last)."""
         optimizer = self.optimizer
         had_state = {p for p in params_in_order(optimizer) if optimizer.state.get(p)}
@@ -136,7 +137,7 @@ class OwnedShareStepper:
         optimizer.global_clip_scales = {limit: (limit / agreed[1 + i].sqrt()).clamp(max=1.0).to(dtype)
                                         for i, (limit, dtype) in enumerate(limits)}
         try:
-            for item in sorted(work, key=lambda item: item.group["branch"] not in optimizer.elementwise_branches):
+            for item in sorted(work, key=lambda item: item.group["branch"] not in optimizer.row_local_branches):
                 optimizer.update([item])
                 if after_group is not None:
                     after_group(item.index)
@@ -423,8 +424,8 @@ def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> tuple[list[lis
     """Per parameter (group order) and rank, the elements [first, end) of the flattened parameter whose state that
     rank holds and steps; and the positions split by rows.
 
-    A parameter of an elementwise branch (its state shaped like it) is split by rows over every rank: each element's
-    update reads that element only. Any other parameter is whole on one owner, assigned by state bytes on top of the
+    A parameter that ``row_shardable`` allows is split by rows over every rank: each row's update reads that row
+    only. Any other parameter is whole on one owner, assigned by state bytes on top of the
     row shards' load, so that per-tensor computations (Muon's and Scion's Newton–Schulz, Soap's blocks, Cautious'
     mask mean, Adam-mini's blocks) stay exact, and same-shape matrices end up batched on each owner.
     """
@@ -433,12 +434,9 @@ def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> tuple[list[lis
     row_sharded, whole = set(), []
     load = [0] * world_size
     for group in optimizer.param_groups:
-        elementwise = group["branch"] in optimizer.elementwise_branches
         for param in group["params"]:
             k = len(spans)
-            shapes = optimizer.state_shapes(group, param) if param.numel() else {}
-            if elementwise and param.numel() and all(key == "step" or tuple(shape) == tuple(param.shape)
-                                                     for key, shape in shapes.items()):
+            if row_shardable(optimizer, group, param):
                 row = _row_numel(param)
                 spans.append([(first * row, end * row) for first, end in row_shards(param.shape[0], world_size)])
                 row_sharded.add(k)
@@ -451,6 +449,15 @@ def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> tuple[list[lis
     for k, owner in zip(whole, assign_owners([costs[k] for k in whole], world_size, load)):
         spans[k] = [(0, params[k].numel() if rank == owner else 0) for rank in range(world_size)]
     return spans, row_sharded
+
+
+def row_shardable(optimizer: BaseOptimizer, group: dict, param: torch.Tensor) -> bool:
+    """Whether `param` steps as row shards: its branch is row-local and each of its state tensors but the step
+    counter has a row per parameter row (shaped like it, or one value per row: Adam-mini's per-row blocks)."""
+    if group["branch"] not in optimizer.row_local_branches or param.ndim == 0 or not param.numel():
+        return False
+    rows = (tuple(param.shape), (param.shape[0],))
+    return all(key == "step" or tuple(shape) in rows for key, shape in optimizer.state_shapes(group, param).items())
 
 
 def _size(span: tuple[int, int]) -> int:

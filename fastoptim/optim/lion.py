@@ -17,7 +17,7 @@ class Lion(BaseOptimizer):
     """
 
     native_ops = ("lion_",)
-    elementwise_branches = frozenset({"default"})
+    row_local_branches = frozenset({"default"})
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, max_grad_norm=None, **options):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=max_grad_norm)

@@ -156,7 +156,7 @@ class Muon(_OrthogonalizedMomentum):
     ns_eps_key, ema = "eps", False
     native_ops = ("newton_schulz_momentum_", "newton_schulz", "decoupled_update_", "adamw_")
     clipped_branches = frozenset({"adamw"})
-    elementwise_branches = frozenset({"adamw"})
+    row_local_branches = frozenset({"adamw"})
     # The benchmark's flat hyperparameter names (grid presets, paper_hparams) that differ from the arguments.
     flat_keys = {"muon_eps": "eps", "eps": "adam_eps", "beta1": ("adam_betas", 0), "beta2": ("adam_betas", 1)}
     hparam_rules = {
@@ -219,7 +219,7 @@ class Scion(_OrthogonalizedMomentum):
     ns_eps_key, ema = "scion_eps", True
     native_ops = ("newton_schulz_momentum_", "newton_schulz", "decoupled_update_", "signum_")
     clipped_branches = frozenset({"signum"})
-    elementwise_branches = frozenset({"signum"})
+    row_local_branches = frozenset({"signum"})
     hparam_rules = {
         **COMMON_HPARAM_RULES,
         "momentum": check_beta,

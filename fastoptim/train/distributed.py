@@ -5,7 +5,7 @@ data/loader.py), so the run computes the same global-batch gradient as a single 
 
 - ddp: DistributedDataParallel; every rank holds and steps the whole optimizer.
 - zero1: DDP plus fastoptim.ZeroRedundancy: gradients reduce-scattered, each rank holds and steps its share of the
-  optimizer state (row shards of the elementwise branches, whole tensors by state bytes for the rest), parameters
+  optimizer state (row shards of the row-local branches, whole tensors by state bytes for the rest), parameters
   all-gathered back (fastoptim/optim/distributed.py).
 - fsdp: FSDP2 (`fully_shard` per transformer block, then the root) shards parameters and gradients. Optimizers step
   through `OwnerStepper`: every parameter has one owner rank (the same assignment as ZeRO-1), which receives the
@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastoptim.optim.distributed import (OwnedShareStepper, ZeroRedundancy, assign_owners, check_shardable,
-                                         held_state_bytes, state_bytes_of)
+from fastoptim.optim.distributed import (OwnedShareStepper, ZeroRedundancy, check_shardable, held_state_bytes,
+                                         ownership_spans)
 from fastoptim.train import checkpoint as ckpt
 
 MODES = ("single", "ddp", "zero1", "fsdp")
@@ -175,14 +175,15 @@ def build_sharded_optimizer(mode: str, model: nn.Module, optimizer_of: Callable[
 class OwnerStepper(OwnedShareStepper):
     """An optimizer over an FSDP2 model (1-D mesh, parameters sharded on dim 0).
 
-    Parameters of the optimizer's elementwise branches (``elementwise_branches``: AdamW, NAdamW, Mars and Lion
-    whole; the AdamW/signum branches of Muon, Scion and Adam-mini) step in place on the local shards: no gather, and
-    each rank holds 1/world of their state. Every other parameter (matrices of Muon, Scion and Adam-mini; everything
-    of Cautious and Soap, whose updates read whole tensors) has one owner rank, assigned by state bytes as under
-    ZeRO-1: its gradient's shards go to the owner alone (one all-to-all per bucket of same-shape parameters, all
-    issued together), the owner steps the whole tensor, and its new value goes back into the shards (one all-to-all
-    per bucket). The optimizer is built over a "shadow" module holding the local shards (sharing the model's storage),
-    the owned whole tensors and, for parameters owned elsewhere, meta tensors (no memory; no gradient, so skipped).
+    Parameters that step as row shards (``row_shardable``: AdamW, NAdamW, Mars and Lion whole; the AdamW/signum
+    branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) step in place on the local shards: no gather,
+    and each rank holds 1/world of their state. Every other parameter (matrices of Muon and Scion, Adam-mini's
+    per-head blocks; everything of Cautious, Soap and Kron, whose updates read whole tensors) has one owner rank,
+    assigned by state bytes on top of the shards' load (``ownership_spans``, as under ZeRO-1): its gradient's shards
+    go to the owner alone (one all-to-all per bucket of same-shape parameters, all issued together), the owner steps
+    the whole tensor, and its new value goes back into the shards (one all-to-all per bucket). The optimizer is built
+    over a "shadow" module holding the local shards (sharing the model's storage), the owned whole tensors and, for
+    parameters owned elsewhere, meta tensors (no memory; no gradient, so skipped).
     The clip is the global norm over all shards and owners (one all-reduce).
     """
 
@@ -196,11 +197,12 @@ class OwnerStepper(OwnedShareStepper):
             self.shadow = make_shadow()
         probe = build(self.shadow)  # over meta tensors: the routing and the state shapes, for free
         check_shardable(probe, "mode fsdp")
-        branch = {name: group["branch"] for group in probe.param_groups for name in group["names"]}
-        self.local = {name for name, _ in self.params if branch[name] in probe.elementwise_branches}
-        costs = dict(zip((n for group in probe.param_groups for n in group["names"]), state_bytes_of(probe)))
-        whole = [name for name, _ in self.params if name not in self.local]
-        self.owner = dict(zip(whole, assign_owners([costs[name] for name in whole], env.world_size)))
+        # ZeRO-1's ownership: its row shards are FSDP2's dim-0 shards, stepped where they lie
+        spans, row_sharded = ownership_spans(probe, env.world_size)
+        names = [name for group in probe.param_groups for name in group["names"]]
+        self.local = {names[k] for k in row_sharded}
+        self.owner = {names[k]: next((rank for rank, span in enumerate(spans[k]) if span[1] > span[0]), 0)
+                      for k in range(len(names)) if k not in row_sharded}
         self.buckets = self._shape_buckets()
         gathered = self._gather_to_owners({name: param.to_local() for name, param in self.params
                                            if name not in self.local})
@@ -388,8 +390,7 @@ def checkpoint_tensors(model: nn.Module, optimizer, fsdp: bool) -> tuple[dict[st
 
 
 def _sharded_like(optimizer, position: int):
-    """The DTensor whose local shard this state position is (FSDP2's and ZeRO-1's row-sharded elementwise
-    branches), else None."""
+    """The DTensor whose local shard this state position is (FSDP2's and ZeRO-1's row shards), else None."""
     return optimizer.sharded_state.get(position) if isinstance(optimizer, OwnedShareStepper) else None
 
 
@@ -400,14 +401,16 @@ def _local_part(value: torch.Tensor) -> torch.Tensor:
 
 
 def _as_saved(optimizer, position: int, value: torch.Tensor) -> torch.Tensor:
-    """A state tensor as DCP must see it: a local shard as the DTensor it is a shard of (so that it reshards)."""
+    """A state tensor as DCP must see it: a local shard as the DTensor it is a shard of (so that it reshards): the
+    parameter's rows, of the parameter's shape or of one value per row."""
     param = _sharded_like(optimizer, position)
     if param is None or value.ndim == 0:
         return value
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride())
+    shape = (param.shape[0], *value.shape[1:])
+    return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
 
 
 def check_model_fits(saved: dict[str, tuple], model: nn.Module, fsdp: bool, path) -> None:
@@ -438,7 +441,7 @@ def restore_checkpoint(checkpoint: dict, model: nn.Module, optimizer, fsdp: bool
         for name, (shape, dtype) in saved.items():
             if name.startswith(prefix) and "." not in name[len(prefix):]:
                 param = _sharded_like(optimizer, position)
-                local_shape = shape if param is None or not shape else param.to_local().shape
+                local_shape = shape if param is None or not shape else (param.to_local().shape[0], *shape[1:])
                 empty = torch.empty(local_shape, dtype=dtype, device="cpu" if param is None else param.device)
                 wanted.setdefault(position, {})[name[len(prefix):]] = _as_saved(optimizer, position, empty)
     ckpt.load_tensors(path, {**{f"model.{name}": value for name, value in model_tensors.items()},
