@@ -1,15 +1,20 @@
 // Products whose result is symmetric (X·Xᵀ, and A·A for a symmetric A), computed on the upper-triangular T × T
 // tiles of the result only and then mirrored: (nt + 1)/(2·nt) of the FLOPs for nt tiles per side.
 //
+// The tiles of one tile row form a strip, out[rows i·T … (i+1)·T, columns i·T … m], which is one GEMM of T rows
+// with a strided result: nt GEMMs per matrix (on the GPU, nt strided-batched GEMMs for the whole batch), no table of
+// per-tile addresses to build, so a step stays capturable in a CUDA graph.
+//
 // Each backend provides, as static members of a `Tiles` policy (cpu/symmetric_tiles.h, cuda/symmetric_tiles.cuh):
 //   upper_products(left, right, alpha, beta, out, tile)
-//       for every matrix of the batch and every tile pair i ≤ j:
-//       out[i, j] ← alpha·left[rows i]·right[columns j] + beta·out[i, j]; left (B, m, k), right (B, k, m), either
-//       may be a transposed view of a contiguous batch; out (B, m, m) contiguous, its tiles below the diagonal are
-//       neither read nor written;
-//   combine(upper, gram, coef, out)
-//       out = S + coef·gram with S the symmetric matrix of upper's upper-triangular tiles and gram symmetric (an
-//       undefined tensor: none); both triangles of out are written, exactly symmetric; out may be upper itself.
+//       for every matrix of the batch and every tile row i:
+//       out[strip i] ← alpha·left[rows i]·right[columns i·T …] + beta·out[strip i]; left (B, m, k), right (B, k, m),
+//       either may be a transposed view of a contiguous batch; out (B, m, m) contiguous, its tiles below the
+//       diagonal are neither read nor written;
+//   combine(upper, gram, coef, diagonal, out)
+//       out = S + coef·gram + diagonal·I with S the symmetric matrix of upper's upper-triangular tiles and gram
+//       symmetric (an undefined tensor: none); both triangles of out are written, exactly symmetric; out may be
+//       upper itself.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -51,7 +56,7 @@ void symmetric_gram_(at::Tensor& out, const at::Tensor& x, double beta, double a
     return;
   }
   Tiles::upper_products(x, x.mT(), alpha, beta, out, tile);
-  Tiles::combine(out, at::Tensor(), 0.0, out);
+  Tiles::combine(out, at::Tensor(), 0.0, 0.0, out);
 }
 
 }  // namespace fastoptim

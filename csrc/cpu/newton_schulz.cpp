@@ -15,9 +15,10 @@
 namespace fastoptim::cpu {
 namespace {
 
-// method="auto" tiles Gram matrices from this many rows up. One thread of a shared AMD EPYC, five steps: 1024 × 1024
-// in 435 ms tiled against 537 ms plain; 2 × 512 × 512 in 127 ms against 134 ms (within noise).
-constexpr int64_t kSymmetricMinRows = 1024;
+// method="auto" tiles Gram matrices from this many rows up. One thread of CI's AVX512-BF16 EPYC, float32, five
+// steps, strips against plain (min of 7): 512 × 512 in 35.1 ms against 36.9; 4 × 512 × 512 in 144 against 158;
+// 1024 × 1024 in 285 against 303.
+constexpr int64_t kSymmetricMinRows = 512;
 
 // Whether the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), as oneDNN's bf16 GEMMs need to be fast.
 bool native_bfloat16() {
@@ -29,9 +30,9 @@ bool native_bfloat16() {
 #endif
 }
 
-// Where bfloat16 is native, oneDNN's plain batched GEMMs beat the tiles, which cut the work in BLAS calls too small
-// for it (1024 × 1024, five steps, on CI's AVX512-BF16 EPYC: 52 ms plain against 99 ms tiled); where it is emulated,
-// halving the Gram work wins (24.2 s plain against 12.6 s tiled on an AVX2 EPYC). So "auto" keeps bf16 plain there.
+// Where bfloat16 is native, oneDNN's plain batched GEMMs beat the strips, whose A·A runs in a float32 buffer
+// (1024 × 1024, five steps, on CI's AVX512-BF16 EPYC: 69 ms plain against 140 ms); where it is emulated, halving the
+// Gram work wins (24.2 s plain against 12.6 s tiled on an AVX2 EPYC). So "auto" keeps bf16 plain there.
 at::Tensor newton_schulz(const at::Tensor& x, int64_t steps, double eps, const std::optional<at::Tensor>& coefficients,
                          const std::optional<at::Tensor>& norms, c10::string_view method) {
   const bool plain_is_faster = method == "auto" && x.scalar_type() == at::kBFloat16 && native_bfloat16();

@@ -1,5 +1,5 @@
-// The CPU side of common/symmetric_tiles.h: one BLAS GEMM per upper tile, written straight into the tile's view
-// of the result (a strided row-major block, so BLAS needs no copy), then one blocked pass that mirrors the upper
+// The CPU side of common/symmetric_tiles.h: one BLAS GEMM per strip, written straight into the strip's view of
+// the result (a strided row-major block, so BLAS needs no copy), then one blocked pass that mirrors the upper
 // triangle (parallel over the matrices).
 #pragma once
 
@@ -18,19 +18,18 @@ struct SymmetricTiles {
                              double beta, at::Tensor& out, int64_t tile) {
     // CPU BLAS multiplies in the result's dtype (a float32 buffer may receive bfloat16 operands).
     const at::Tensor left = left_operand.to(out.scalar_type()), right = right_operand.to(out.scalar_type());
-    const int64_t tiles = out.size(1) / tile;
+    const int64_t m = out.size(1);
     for (int64_t b = 0; b < out.size(0); ++b) {
-      for (int64_t i = 0; i < tiles; ++i) {
-        const at::Tensor rows = left[b].narrow(0, i * tile, tile);
-        for (int64_t j = i; j < tiles; ++j) {
-          at::Tensor target = out[b].narrow(0, i * tile, tile).narrow(1, j * tile, tile);
-          at::addmm_out(target, target, rows, right[b].narrow(1, j * tile, tile), beta, alpha);
-        }
+      for (int64_t first = 0; first < m; first += tile) {
+        at::Tensor strip = out[b].narrow(0, first, tile).narrow(1, first, m - first);
+        at::addmm_out(strip, strip, left[b].narrow(0, first, tile), right[b].narrow(1, first, m - first), beta,
+                      alpha);
       }
     }
   }
 
-  static void combine(const at::Tensor& upper, const at::Tensor& gram, double coef, at::Tensor& out) {
+  static void combine(const at::Tensor& upper, const at::Tensor& gram, double coef, double diagonal,
+                      at::Tensor& out) {
     const int64_t m = out.size(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "symmetric_combine", [&] {
       using Out = scalar_t;
@@ -40,7 +39,8 @@ struct SymmetricTiles {
           for (int64_t matrix = begin; matrix < end; ++matrix) {
             const int64_t offset = matrix * m * m;
             combine_matrix(upper_data + offset, gram_data == nullptr ? nullptr : gram_data + offset,
-                           static_cast<float>(coef), out.data_ptr<Out>() + offset, m);
+                           static_cast<float>(coef), static_cast<float>(diagonal), out.data_ptr<Out>() + offset,
+                           m);
           }
         });
       };
@@ -53,10 +53,11 @@ struct SymmetricTiles {
   }
 
  private:
-  // Element (r, c), r ≤ c, of `upper` (plus coef·gram) into out at (r, c) and (c, r), in kBlock × kBlock squares so
-  // that the transposed writes stay in cache. Only elements r ≤ c are read, so out may be upper itself.
+  // Element (r, c), r ≤ c, of `upper` (plus coef·gram, plus `diagonal` where r = c) into out at (r, c) and (c, r),
+  // in kBlock × kBlock squares so that the transposed writes stay in cache. Only elements r ≤ c are read, so out may
+  // be upper itself.
   template <typename Upper, typename Out>
-  static void combine_matrix(const Upper* upper, const Out* gram, float coef, Out* out, int64_t m) {
+  static void combine_matrix(const Upper* upper, const Out* gram, float coef, float diagonal, Out* out, int64_t m) {
     constexpr int64_t kBlock = 32;
     for (int64_t r0 = 0; r0 < m; r0 += kBlock) {
       for (int64_t c0 = r0; c0 < m; c0 += kBlock) {
@@ -64,6 +65,7 @@ struct SymmetricTiles {
           for (int64_t c = std::max(c0, r); c < std::min(c0 + kBlock, m); ++c) {
             float v = static_cast<float>(upper[r * m + c]);
             if (gram != nullptr) v += coef * static_cast<float>(gram[r * m + c]);
+            if (r == c) v += diagonal;
             out[r * m + c] = static_cast<Out>(v);
             out[c * m + r] = static_cast<Out>(v);
           }

@@ -1,7 +1,7 @@
 // Newton–Schulz on the GPU.
 //
-// Pass in: one launch for all matrices of the list (grid.y = matrix), each block reduces its squares and adds them
-// to its matrix's norm with one atomic.
+// Pass in: one launch per 64 matrices of the list (grid.y = matrix, addresses passed by value), each block writes
+// the sum of its squares to its own slot; the slots are summed in a fixed order (deterministic, no atomics).
 //
 // Iteration: operands in the iteration dtype (bfloat16 from the optimizers), fp32 accumulation, every product one
 // batched cuBLAS call over all matrices: full batched GEMMs, or only the upper-triangular tiles of the symmetric
@@ -17,7 +17,6 @@
 #include <cub/block/block_reduce.cuh>
 
 #include <algorithm>
-#include <vector>
 
 #include "cuda/symmetric_tiles.cuh"
 #include "kernels/newton_schulz.h"
@@ -26,19 +25,30 @@ namespace fastoptim::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxGridY = 65535;
 // Gram matrices from this many rows up take the symmetric-tile path under method="auto" (unmeasured, see above).
 constexpr int64_t kSymmetricMinRows = 2048;
 
 // --- Pass in ---
 
+// The addresses of up to kMatricesPerLaunch matrices, passed by value as a kernel argument (no table to copy to the
+// device, so the launch is capturable in a CUDA graph).
+constexpr int kMatricesPerLaunch = 64;
+
+template <typename B, typename G>
+struct MatrixAddresses {
+  B* buffers[kMatricesPerLaunch];
+  const G* grads[kMatricesPerLaunch];
+};
+
+// grid.y = matrix of this launch; each block writes the sum of its squares to its own slot of `partials`
+// (batch, gridDim.x), which are then summed in a fixed order: no float atomics, so two runs agree bitwise.
 template <typename B, typename G, typename O>
-__global__ void __launch_bounds__(kThreads) momentum_stack_kernel(B* const* buffers, const G* const* grads, O* out,
-                                                                  float* norm_sq, int64_t numel,
+__global__ void __launch_bounds__(kThreads) momentum_stack_kernel(MatrixAddresses<B, G> addresses, int64_t first,
+                                                                  O* out, float* partials, int64_t numel,
                                                                   NsMomentumMath math) {
-  const int64_t matrix = blockIdx.y;
-  B* buf = buffers[matrix];
-  const G* grad = grads[matrix];
+  const int64_t matrix = first + blockIdx.y;
+  B* buf = addresses.buffers[blockIdx.y];
+  const G* grad = addresses.grads[blockIdx.y];
   O* direction = out + matrix * numel;
   float squares = 0.0f;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel;
@@ -50,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) momentum_stack_kernel(B* const* buff
   using Reduce = cub::BlockReduce<float, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
   const float total = Reduce(storage).Sum(squares);
-  if (threadIdx.x == 0) atomicAdd(norm_sq + matrix, total);
+  if (threadIdx.x == 0) partials[matrix * gridDim.x + blockIdx.x] = total;
 }
 
 struct NewtonSchulzBackend {
@@ -60,20 +70,22 @@ struct NewtonSchulzBackend {
     const int64_t batch = static_cast<int64_t>(buffers.size());
     const int64_t numel = out.size(1) * out.size(2);
     if (numel == 0) return;
-    TORCH_CHECK(batch <= kMaxGridY, "fastoptim: newton_schulz_momentum_: momentum_buffers has ", batch,
-                " matrices; one call takes at most ", kMaxGridY);
     const c10::cuda::CUDAGuard guard(out.device());
-    std::vector<const void*> pointers;
-    for (const at::Tensor& t : buffers) pointers.push_back(t.data_ptr());
-    for (const at::Tensor& t : grads) pointers.push_back(t.data_ptr());
-    const at::Tensor table = device_pointer_table(pointers, out.device());
-    void* const* addresses = static_cast<void* const*>(table.data_ptr());
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((numel + kThreads - 1) / kThreads, 1024)),
-                    static_cast<unsigned>(batch));
-    momentum_stack_kernel<B, G, O><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<B* const*>(addresses), reinterpret_cast<const G* const*>(addresses + batch),
-        out.data_ptr<O>(), norm_sq.data_ptr<float>(), numel, math);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, 1024);
+    at::Tensor partials = at::empty({batch, blocks}, norm_sq.options());
+    for (int64_t first = 0; first < batch; first += kMatricesPerLaunch) {
+      const int64_t count = std::min<int64_t>(kMatricesPerLaunch, batch - first);
+      MatrixAddresses<B, G> addresses{};
+      for (int64_t i = 0; i < count; ++i) {
+        addresses.buffers[i] = buffers[first + i].data_ptr<B>();
+        addresses.grads[i] = grads[first + i].data_ptr<G>();
+      }
+      const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(count));
+      momentum_stack_kernel<B, G, O><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          addresses, first, out.data_ptr<O>(), partials.data_ptr<float>(), numel, math);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    at::sum_out(norm_sq, partials, {1});
   }
 };
 

@@ -8,19 +8,11 @@
 #include <cublas_v2.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 
 #include "common/checks.h"
 
 namespace fastoptim::cuda {
-
-at::Tensor device_pointer_table(const std::vector<const void*>& pointers, const at::Device& device) {
-  at::Tensor host = at::empty({static_cast<int64_t>(pointers.size())},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::memcpy(host.data_ptr(), pointers.data(), pointers.size() * sizeof(void*));
-  return host.to(device, /*non_blocking=*/true);
-}
 
 namespace {
 
@@ -57,31 +49,34 @@ struct Operand {
   }
 };
 
-// Row-major C (rows × cols) = alpha·op(A)·op(B) + beta·C for every pointer triple of the tables, in one call.
-// cuBLAS is column-major, where a row-major matrix reads as its transpose: it computes Cᵀ = op(B)ᵀ·op(A)ᵀ.
-void gemm_batched_row_major(const Operand& a, const Operand& b, int64_t rows, int64_t cols, int64_t depth,
-                            float alpha, float beta, const void* const* a_table, const void* const* b_table,
-                            void* const* c_table, int64_t ldc, int64_t count, cudaDataType_t operand_type,
-                            cudaDataType_t out_type) {
-  TORCH_CUDABLAS_CHECK(cublasGemmBatchedEx(
+// Row-major C (rows × cols, leading dimension ldc) = alpha·op(A)·op(B) + beta·C for each of `batch` matrices,
+// A, B and C starting at a_first, b_first and c_first and `*.batch_stride` elements apart, in one call. cuBLAS is
+// column-major, where a row-major matrix reads as its transpose: it computes Cᵀ = op(B)ᵀ·op(A)ᵀ.
+void gemm_strided_batched_row_major(const Operand& a, const void* a_first, const Operand& b, const void* b_first,
+                                    const Operand& c, void* c_first, int64_t rows, int64_t cols, int64_t depth,
+                                    float alpha, float beta, int64_t batch, cudaDataType_t operand_type,
+                                    cudaDataType_t out_type) {
+  TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
       at::cuda::getCurrentCUDABlasHandle(), b.transposed ? CUBLAS_OP_T : CUBLAS_OP_N,
       a.transposed ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(cols), static_cast<int>(rows),
-      static_cast<int>(depth), &alpha, b_table, operand_type, static_cast<int>(b.ld), a_table, operand_type,
-      static_cast<int>(a.ld), &beta, c_table, out_type, static_cast<int>(ldc), static_cast<int>(count),
-      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      static_cast<int>(depth), &alpha, b_first, operand_type, static_cast<int>(b.ld), b.batch_stride, a_first,
+      operand_type, static_cast<int>(a.ld), a.batch_stride, &beta, c_first, out_type, static_cast<int>(c.ld),
+      c.batch_stride, static_cast<int>(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 constexpr int kMirrorTile = 32;
 constexpr int64_t kMaxGridZ = 65535;
 constexpr int kMirrorRowsPerPass = 8;
 
-// One block per kMirrorTile tile (i, j) with i ≤ j of every matrix: it reads that tile of `upper` (plus coef·gram)
-// and writes it and its mirror image, so `out` may be `upper` itself. A diagonal tile keeps its upper triangle.
+// One block per kMirrorTile tile (i, j) with i ≤ j of every matrix: it reads that tile of `upper` (plus coef·gram,
+// plus `diagonal` on the diagonal) and writes it and its mirror image, so `out` may be `upper` itself. A diagonal
+// tile keeps its upper triangle.
 template <typename Upper, typename Out>
 __global__ void __launch_bounds__(kMirrorTile* kMirrorRowsPerPass)
-    symmetric_combine_kernel(const Upper* upper, const Out* gram, float coef, Out* out, int64_t m) {
+    symmetric_combine_kernel(const Upper* upper, const Out* gram, float coef, float diagonal, Out* out, int64_t m) {
   const int tile_row = blockIdx.y, tile_col = blockIdx.x;
   if (tile_row > tile_col) return;
+  const bool on_diagonal = tile_row == tile_col;
   __shared__ float values[kMirrorTile][kMirrorTile + 1];
   const int64_t base = static_cast<int64_t>(blockIdx.z) * m * m;
   const int x = threadIdx.x;
@@ -89,14 +84,14 @@ __global__ void __launch_bounds__(kMirrorTile* kMirrorRowsPerPass)
     const int64_t index = base + (static_cast<int64_t>(tile_row) * kMirrorTile + r) * m + tile_col * kMirrorTile + x;
     float v = static_cast<float>(upper[index]);
     if (gram != nullptr) v += coef * static_cast<float>(gram[index]);
+    if (on_diagonal && r == x) v += diagonal;
     values[r][x] = v;
   }
   __syncthreads();
-  const bool diagonal = tile_row == tile_col;
   for (int r = threadIdx.y; r < kMirrorTile; r += kMirrorRowsPerPass) {
-    const float v = diagonal && r > x ? values[x][r] : values[r][x];
+    const float v = on_diagonal && r > x ? values[x][r] : values[r][x];
     out[base + (static_cast<int64_t>(tile_row) * kMirrorTile + r) * m + tile_col * kMirrorTile + x] = static_cast<Out>(v);
-    if (!diagonal) {
+    if (!on_diagonal) {
       out[base + (static_cast<int64_t>(tile_col) * kMirrorTile + r) * m + tile_row * kMirrorTile + x] =
           static_cast<Out>(values[x][r]);
     }
@@ -111,31 +106,21 @@ void SymmetricTiles::upper_products(const at::Tensor& left, const at::Tensor& ri
               "dtype, got ", dtype_name(left.scalar_type()), " and ", dtype_name(right.scalar_type()));
   TORCH_CHECK(out.is_contiguous(), "fastoptim: symmetric tile products write a contiguous result");
   const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t batch = out.size(0), m = out.size(1), depth = left.size(2), tiles = m / tile;
-  const int64_t count = batch * tiles * (tiles + 1) / 2;
-  if (count == 0) return;
-  const Operand a(left), b(right);
-  const Operand c(out);
-  std::vector<const void*> pointers(3 * count);
-  int64_t k = 0;
-  for (int64_t matrix = 0; matrix < batch; ++matrix) {
-    for (int64_t i = 0; i < tiles; ++i) {
-      for (int64_t j = i; j < tiles; ++j, ++k) {
-        pointers[k] = a.at(matrix, i * tile, 0);
-        pointers[count + k] = b.at(matrix, 0, j * tile);
-        pointers[2 * count + k] = c.at(matrix, i * tile, j * tile);
-      }
-    }
+  const int64_t batch = out.size(0), m = out.size(1), depth = left.size(2);
+  if (batch == 0 || m == 0) return;
+  const Operand a(left), b(right), c(out);
+  // One strided-batched GEMM per strip: the tile row's T rows of the left operand times the columns from the
+  // diagonal on, into the strip of every matrix at once.
+  for (int64_t first = 0; first < m; first += tile) {
+    gemm_strided_batched_row_major(a, a.at(0, first, 0), b, b.at(0, 0, first), c,
+                                   const_cast<void*>(c.at(0, first, first)), tile, m - first, depth,
+                                   static_cast<float>(alpha), static_cast<float>(beta), batch,
+                                   cublas_type(left.scalar_type()), cublas_type(out.scalar_type()));
   }
-  const at::Tensor table = device_pointer_table(pointers, out.device());  // alive until the call is queued
-  auto* addresses = static_cast<void**>(table.data_ptr());
-  gemm_batched_row_major(a, b, tile, tile, depth, static_cast<float>(alpha), static_cast<float>(beta),
-                         const_cast<const void* const*>(addresses), const_cast<const void* const*>(addresses + count),
-                         addresses + 2 * count, m, count, cublas_type(left.scalar_type()),
-                         cublas_type(out.scalar_type()));
 }
 
-void SymmetricTiles::combine(const at::Tensor& upper, const at::Tensor& gram, double coef, at::Tensor& out) {
+void SymmetricTiles::combine(const at::Tensor& upper, const at::Tensor& gram, double coef, double diagonal,
+                             at::Tensor& out) {
   const int64_t batch = out.size(0), m = out.size(1);
   TORCH_CHECK(m % kMirrorTile == 0, "fastoptim: symmetric combine needs a multiple of ", kMirrorTile, " rows, got ",
               m);
@@ -153,7 +138,7 @@ void SymmetricTiles::combine(const at::Tensor& upper, const at::Tensor& gram, do
       symmetric_combine_kernel<Upper, Out><<<grid, dim3(kMirrorTile, kMirrorRowsPerPass), 0,
                                              at::cuda::getCurrentCUDAStream()>>>(
           upper_data + offset, gram_data == nullptr ? nullptr : gram_data + offset, static_cast<float>(coef),
-          out_data + offset, m);
+          static_cast<float>(diagonal), out_data + offset, m);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   };

@@ -4,7 +4,9 @@
 //                            direction to the iteration dtype, written into one stacked (B, m, n) batch, and the
 //                            direction's Frobenius norm per matrix;
 //   newton_schulz            k quintic steps X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ, on that batch, with the 1/(‖X‖_F+ε)
-//                            normalisation folded into the copy that the iteration needs anyway.
+//                            normalisation folded into the copy that the iteration needs anyway; a rides on the
+//                            diagonal, P = a·I + b·A + c·A², so that each step ends in one GEMM X ← P·X, with no
+//                            copy of X into the output first (as a GEMM's beta·C would need).
 //
 // The pass out (p ← p·(1 − lr·λ) − lr·scale·O) is decoupled_update_. The iteration is written once here, over a
 // `Products` policy that computes the two symmetric products (A = X·Xᵀ and B = b·A + c·A²); the CPU uses plain
@@ -145,26 +147,29 @@ inline void check_newton_schulz(const at::Tensor& x, double eps, const std::opti
 }
 
 // The products of one step on the wide batch X (B, m, n), m ≤ n, as a policy object:
-//   gram(X, A):          A = X·Xᵀ
-//   poly(A, b, c, out):  out = b·A + c·A·A
+//   gram(X, A):                A = X·Xᵀ
+//   poly(A, a, b, c, out):     out = a·I + b·A + c·A·A
 // Plain batched GEMMs through ATen (BLAS on CPU, cuBLAS on GPU, fp32 accumulation); the scalars b and c ride on
-// the GEMM's beta and alpha.
+// the GEMM's beta and alpha, a on the diagonal afterwards (m elements per matrix).
 struct PlainProducts {
   void gram(const at::Tensor& x, at::Tensor& a) const { at::bmm_out(a, x, x.mT()); }
-  void poly(const at::Tensor& a, double b, double c, at::Tensor& out) const { at::baddbmm_out(out, a, a, a, b, c); }
+  void poly(const at::Tensor& gram, double a, double b, double c, at::Tensor& out) const {
+    at::baddbmm_out(out, gram, gram, gram, b, c);
+    out.diagonal(0, 1, 2).add_(a);
+  }
 };
 
-// The same products on the upper-triangular tiles of common/symmetric_tiles.h; c·A·A goes into a float32 buffer
-// and b·A is added in the mirroring pass.
+// The same products on the upper-triangular tiles of common/symmetric_tiles.h; c·A·A goes into a float32 buffer,
+// and b·A and a·I are added in the mirroring pass.
 template <typename Tiles>
 struct SymmetricProducts {
   int64_t tile;
 
   void gram(const at::Tensor& x, at::Tensor& a) const { symmetric_gram_<Tiles>(a, x, 0.0, 1.0, tile); }
-  void poly(const at::Tensor& a, double b, double c, at::Tensor& out) const {
-    at::Tensor squares = at::empty(a.sizes(), a.options().dtype(at::kFloat));
-    Tiles::upper_products(a, a, c, 0.0, squares, tile);
-    Tiles::combine(squares, a, b, out);
+  void poly(const at::Tensor& gram, double a, double b, double c, at::Tensor& out) const {
+    at::Tensor squares = at::empty(gram.sizes(), gram.options().dtype(at::kFloat));
+    Tiles::upper_products(gram, gram, c, 0.0, squares, tile);
+    Tiles::combine(squares, gram, b, a, out);
   }
 };
 
@@ -176,7 +181,7 @@ at::Tensor newton_schulz_iterate(const at::Tensor& x, int64_t steps, double eps,
   const auto schedule = ns_schedule(steps, coefficients);
   const int64_t batch = x.size(0);
   // Iterate on the wide orientation (m ≤ n), so the Gram matrix is the smaller one; the last step writes the tall
-  // result directly (Xᵀ·B = (B·X)ᵀ, B symmetric), so no transposing pass is needed on the way out.
+  // result directly (Xᵀ·P = (P·X)ᵀ, P symmetric), so no transposing pass is needed on the way out.
   const bool tall = x.size(1) > x.size(2);
   const at::Tensor wide = tall ? x.mT() : x;
   const int64_t m = wide.size(1), n = wide.size(2);
@@ -196,13 +201,13 @@ at::Tensor newton_schulz_iterate(const at::Tensor& x, int64_t steps, double eps,
   for (int64_t s = 0; s < steps; ++s) {
     const auto [a, b, c] = schedule[s];
     products.gram(current, gram);
-    products.poly(gram, b, c, poly);
+    products.poly(gram, a, b, c, poly);
     if (s == steps - 1 && tall) {
       at::Tensor out = at::empty({batch, n, m}, current.options());
-      at::baddbmm_out(out, current.mT(), current.mT(), poly, a, 1.0);
+      at::bmm_out(out, current.mT(), poly);
       return out;
     }
-    at::baddbmm_out(next, current, poly, current, a, 1.0);
+    at::bmm_out(next, poly, current);
     std::swap(current, next);
   }
   return current;
