@@ -149,6 +149,18 @@ def reduce_scatter_case(rank: int, world_size: int) -> dict:
     return {"owned": owned_error, "other": other_error, "step": step_error}
 
 
+def bad_parameter_case(rank: int, world_size: int) -> dict:
+    """ZeroRedundancy over a non-contiguous parameter: the error on every rank, before any collective."""
+    torch.manual_seed(0)
+    model = Llama(MODEL)
+    model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.randn(MODEL.dim, MODEL.intermediate).mT)
+    try:
+        ZeroRedundancy(build_optimizer("adamw", model, {}))
+    except ValueError as error:  # the outcome under test
+        return {"error": str(error)}
+    return {"error": None}
+
+
 def worker(rank: int, world_size: int, port: int, cases: list, results: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -164,6 +176,8 @@ def worker(rank: int, world_size: int, port: int, cases: list, results: str) -> 
                     outcomes[case] = bad_gradient_case(rank, world_size)
                 elif kind == "reduce_scatter":
                     outcomes[case] = reduce_scatter_case(rank, world_size)
+                elif kind == "bad_parameter":
+                    outcomes[case] = bad_parameter_case(rank, world_size)
             except Exception:
                 outcomes[case] = {"crash": traceback.format_exc()}
                 raise

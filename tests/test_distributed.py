@@ -41,7 +41,7 @@ def single():
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_modes_match_one_process_and_zero1_splits_the_state(world_size, single, tmp_path):
     runs = [("run", name, mode, STEPS) for mode, names in MODES.items() for name in names]
-    outcomes = launch(world_size, runs + [("bad_gradient",), ("reduce_scatter",)], tmp_path)
+    outcomes = launch(world_size, runs + [("bad_gradient",), ("reduce_scatter",), ("bad_parameter",)], tmp_path)
     differ = {}
     for case in runs:
         _, name, mode, _ = case
@@ -67,6 +67,9 @@ def test_modes_match_one_process_and_zero1_splits_the_state(world_size, single, 
             assert outcome["error"].startswith("FloatingPointError: non-finite gradient in parameter ")
         else:
             assert outcome["error"].startswith("RuntimeError: rank 1 refused the optimizer step (FloatingPointError")
+    for got in outcomes:
+        assert got[("bad_parameter",)]["error"].startswith(
+            "ZeroRedundancy: parameter 'layers.0.mlp.up_proj.weight' (shape (70, 32)) is not contiguous"), got
     for rank, got in enumerate(outcomes):
         outcome = got[("reduce_scatter",)]
         # The owned elements are the average (summed in another order: float64 rounding); the rest were not

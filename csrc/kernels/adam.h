@@ -1,6 +1,6 @@
 // The Adam family in one pass over memory (benchmark-spec §1.1–§1.4): AdamW and NAdamW (adamw_), Cautious
-// (cautious_adamw_: a counting pass for the per-tensor mask mean, then the update) and Mars (mars_adamw_: Adam on
-// the corrected gradient, keeping the previous raw gradient).
+// (cautious_adamw_: a counting pass over g and m for the per-tensor mask mean, then the update) and Mars
+// (mars_adamw_: Adam on the corrected gradient, keeping the previous raw gradient).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,13 +35,20 @@ struct AdamMoments {
             (1.0f - beta1) / bias1};
   }
 
-  // Updates m and v with the gradient g; returns u = m̂/(√v̂ + ε).
-  C10_HOST_DEVICE float direction(float g, float& m, float& v) const {
+  // Updates m with the gradient g; returns the numerator m̂ (or NAdamW's), which has the direction's sign.
+  C10_HOST_DEVICE float numerator(float g, float& m) const {
     m += (1.0f - beta1) * (g - m);
+    return nesterov ? nesterov_m * m + nesterov_g * g : m * inv_bias1;
+  }
+
+  // Updates v with g; returns the direction numerator/(√v̂ + ε).
+  C10_HOST_DEVICE float scaled(float numerator, float g, float& v) const {
     v = beta2 * v + (1.0f - beta2) * g * g;
-    const float numerator = nesterov ? nesterov_m * m + nesterov_g * g : m * inv_bias1;
     return numerator / (::sqrtf(v) * inv_sqrt_bias2 + eps);
   }
+
+  // Updates m and v with the gradient g; returns u = m̂/(√v̂ + ε).
+  C10_HOST_DEVICE float direction(float g, float& m, float& v) const { return scaled(numerator(g, m), g, v); }
 };
 
 // The hyperparameters an Adam kernel reads: fixed ones by value, the step's from device memory.
@@ -77,7 +84,8 @@ struct AdamWStep {
   }
 };
 
-// Cautious, pass 1: per tensor, how many elements have u·g > 0 (u from the moments this step will write).
+// Cautious, pass 1: per tensor, how many elements have u·g > 0, with u's sign that of its numerator (from the first
+// moment this step will write): the pass reads g and m only.
 struct CautiousCount {
   AdamScalars scalars;
   unsigned long long* counts;  // one per tensor, zeroed by the caller
@@ -87,10 +95,10 @@ struct CautiousCount {
     AdamMoments adam;
     unsigned long long* count;
     template <typename P, typename S>
-    C10_HOST_DEVICE float operator()(const P& g, const S& m, const S& v) const {
-      float mf = element_cast<float>(m), vf = element_cast<float>(v);
+    C10_HOST_DEVICE float operator()(const P& g, const S& m) const {
+      float mf = element_cast<float>(m);
       const float gf = grad_scale * element_cast<float>(g);
-      return adam.direction(gf, mf, vf) * gf > 0.0f ? 1.0f : 0.0f;
+      return adam.numerator(gf, mf) * gf > 0.0f ? 1.0f : 0.0f;
     }
     // A chunk's count is below 2^24, so its float sum is exact.
     C10_HOST_DEVICE void finish(float chunk_count) const {
@@ -103,8 +111,8 @@ struct CautiousCount {
   }
 };
 
-// Cautious, pass 2: the Adam step with u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε). Both passes compute u with the
-// same inline code from the same inputs, so they agree on the mask.
+// Cautious, pass 2: the Adam step with u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε). Both passes take the mask from
+// the numerator, computed by the same inline code from the same inputs, so they agree on it.
 struct CautiousStep {
   AdamScalars scalars;
   const unsigned long long* counts;
@@ -117,10 +125,11 @@ struct CautiousStep {
     C10_HOST_DEVICE void operator()(P& p, const P& g, S& m, S& v) const {
       float mf = element_cast<float>(m), vf = element_cast<float>(v);
       const float gf = s.grad_scale * element_cast<float>(g);
-      const float u = adam.direction(gf, mf, vf);
+      const float numerator = adam.numerator(gf, mf);
+      const float u = adam.scaled(numerator, gf, vf);
       m = element_cast<S>(mf);
       v = element_cast<S>(vf);
-      decoupled_step(p, u * gf > 0.0f ? u * mask_scale : 0.0f, s);
+      decoupled_step(p, numerator * gf > 0.0f ? u * mask_scale : 0.0f, s);
     }
   };
 
@@ -213,8 +222,7 @@ void cautious_adamw_(at::TensorList params, at::TensorList grads, at::TensorList
                                       at::TensorOptions().dtype(at::kLong).device(*call.device));
   auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
   FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "cautious_adamw_", [&] {
-    Backend::template multi_tensor_reduce<param_t, state_t, state_t>({grads, exp_avgs, exp_avg_sqs},
-                                                                     CautiousCount{call.scalars, count_ptr});
+    Backend::template multi_tensor_reduce<param_t, state_t>({grads, exp_avgs}, CautiousCount{call.scalars, count_ptr});
     Backend::template multi_tensor_apply<param_t, const param_t, state_t, state_t>(
         {params, grads, exp_avgs, exp_avg_sqs}, CautiousStep{call.scalars, count_ptr});
   });

@@ -207,6 +207,7 @@ class ZeroRedundancy(OwnedShareStepper):
             raise ValueError("ZeroRedundancy: wrap the optimizer before its first step (it already holds state); "
                              "load a saved state through the wrapper's load_state_dict")
         check_shardable(optimizer, "ZeroRedundancy")
+        _check_replicated_and_contiguous(optimizer)
         self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
         self.params = params_in_order(optimizer)  # the model's tensors, at torch's state_dict positions
         self.device = self.params[0].device
@@ -466,6 +467,23 @@ def _size(span: tuple[int, int]) -> int:
 
 def _row_numel(param: torch.Tensor) -> int:
     return param[0].numel() if param.ndim else 1
+
+
+def _check_replicated_and_contiguous(optimizer: BaseOptimizer) -> None:
+    """Before any collective, on every rank alike: each parameter a plain contiguous tensor (its row shards are
+    views of its memory), not a DTensor (whose shards FSDP2's owner stepping steps)."""
+    from torch.distributed.tensor import DTensor
+
+    for index, group in enumerate(optimizer.param_groups):
+        for position, param in enumerate(group["params"]):
+            label = optimizer.param_label(group, index, position)
+            if isinstance(param, DTensor):
+                raise ValueError(f"ZeroRedundancy: {label} is a DTensor on mesh {tuple(param.device_mesh.shape)}: "
+                                 f"ZeroRedundancy shards the state of replicated (DDP) parameters; an FSDP2 model "
+                                 f"steps its shards through fastoptim.train.distributed.OwnerStepper")
+            if not param.is_contiguous():
+                raise ValueError(f"ZeroRedundancy: {label} is not contiguous (strides {param.stride()}): its row "
+                                 f"shards are views of its memory")
 
 
 def _check_same_parameters(params: list[torch.Tensor], group, device: torch.device) -> None:
