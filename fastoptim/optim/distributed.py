@@ -36,6 +36,7 @@ averaging), which are refused at construction, on every rank. (Kron draws each p
 stream, so its owner draws what one process would.)
 """
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -360,8 +361,7 @@ class ZeroRedundancy(OwnedShareStepper):
                 torch._foreach_copy_(list(segment[:sum(sizes)].split(sizes)), views)
             gathered = segment.new_empty(size * self.world_size)
             handle = dist.all_gather_single(gathered, segment, group=self.group, async_op=True)
-            started.append((handle, lambda gathered=gathered, size=size, per_rank=per_rank:
-                            self._copy_out(gathered, size, per_rank)))
+            started.append((handle, functools.partial(self._copy_out, gathered, size, per_rank)))
         return started
 
     def _copy_out(self, gathered: torch.Tensor, size: int, per_rank: list) -> None:
