@@ -68,16 +68,20 @@ def test_newton_schulz(benchmark, measure, matrix_set, bench_device, backend):
     record_floors(benchmark, [shape], NS_STEPS)
 
 
-@pytest.mark.shape_sets("512x512", "1024x1024", "4096x4096", "4096x11008")
+# Plain batched GEMMs against the symmetric products in strips, on the sets where method="auto" must choose: single
+# matrices and the batches one batched call takes (csrc/cpu/newton_schulz.cpp and csrc/cuda/newton_schulz.cu set
+# its thresholds from this table).
+@pytest.mark.shape_sets("512x512", "2048x2048", "4096x4096", "128x512x512", "64x512x2048", "8x4096x4096")
 @pytest.mark.parametrize("method", ["plain", "symmetric"])
 def test_newton_schulz_method(benchmark, measure, matrix_set, bench_device, method):
     newton_schulz = require_op("newton_schulz")
     shape = matrix_set.params[0].shape
-    x = make_tensors(matrix_set, bench_device, iteration_dtype(bench_device))[0].unsqueeze(0)
+    x = torch.stack(make_tensors(matrix_set, bench_device, iteration_dtype(bench_device)))
     measure(lambda: newton_schulz(x, NS_STEPS, NS_EPS, method=method), family=f"newton-schulz-{method}",
-            shapes=matrix_set, backend="fastoptim", bound="matrix", work=newton_schulz_flops(*shape, NS_STEPS))
+            shapes=matrix_set, backend="fastoptim", bound="matrix",
+            work=len(x) * newton_schulz_flops(*shape, NS_STEPS))
     benchmark.extra_info["method"] = method
-    record_floors(benchmark, [shape], NS_STEPS)
+    record_floors(benchmark, [shape] * len(x), NS_STEPS)
 
 
 # --- Muon's matrix branch over a model's hidden matrices ------------------------------------------------------

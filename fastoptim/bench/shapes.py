@@ -100,8 +100,12 @@ def _model_set(name: str, dims: ModelDims, *devices: str) -> ShapeSet:
     return ShapeSet(name, "model", devices, model_params(dims), dims)
 
 
-def _matrix_set(rows: int, cols: int, *devices: str) -> ShapeSet:
-    return ShapeSet(f"{rows}x{cols}", "matrix", devices, (ParamShape("weight", (rows, cols), "matrix"),))
+def _matrix_set(rows: int, cols: int, *devices: str, batch: int = 1) -> ShapeSet:
+    """One matrix ("RxC"), or a batch of same-shape matrices ("BxRxC": what one batched Newton–Schulz call takes)."""
+    if batch == 1:
+        return ShapeSet(f"{rows}x{cols}", "matrix", devices, (ParamShape("weight", (rows, cols), "matrix"),))
+    return ShapeSet(f"{batch}x{rows}x{cols}", "matrix", devices,
+                    tuple(ParamShape(f"weight.{i}", (rows, cols), "matrix") for i in range(batch)))
 
 
 # Listed smallest first per device and kind: the quick (CI) subset takes the first of each.
@@ -113,7 +117,9 @@ SHAPE_SETS = {
         _matrix_set(256, 256, "cpu"),
         _matrix_set(512, 512, "cpu", "cuda"),
         _matrix_set(512, 1376, "cpu"),  # 4096×11008 scaled by 1/8
-        *(_matrix_set(r, c, "cuda") for r, c in ((1024, 1024), (4096, 4096), (4096, 11008))),
+        *(_matrix_set(r, c, "cuda") for r, c in ((1024, 1024), (2048, 2048), (4096, 4096), (4096, 11008))),
+        # the batches issue 14 asks Newton–Schulz's methods to be compared on
+        *(_matrix_set(r, c, "cuda", batch=b) for b, r, c in ((128, 512, 512), (64, 512, 2048), (8, 4096, 4096))),
     )
 }
 
