@@ -2,7 +2,8 @@
 
 Environment:
   FASTOPTIM_CUDA=0|1        force the CUDA kernels off, or on (then a missing nvcc or CPU-only torch is an error)
-  TORCH_CUDA_ARCH_LIST      GPU architectures to compile for; default "8.0;9.0" (A100, H100)
+  TORCH_CUDA_ARCH_LIST      GPU architectures to compile for; default "8.0;9.0+PTX" (A100, H100, and PTX that newer
+                            GPUs compile at load)
   MAX_JOBS                  parallel compile jobs (ninja)
 """
 

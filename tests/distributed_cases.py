@@ -149,6 +149,54 @@ def reduce_scatter_case(rank: int, world_size: int) -> dict:
     return {"owned": owned_error, "other": other_error, "step": step_error}
 
 
+def consolidated_state_case(rank: int, world_size: int) -> dict:
+    """ZeroRedundancy's state_dict() after 3 Muon steps, against one process's after the same steps (its keys and
+    shapes, and the largest difference relative to each tensor's largest magnitude), with the final norm frozen so
+    that one row-sharded parameter never has state; then a fresh wrapper loads it (whether its own state_dict() is
+    the loaded one exactly) and both take a 4th step: their parameters' largest relative difference. (Not bitwise:
+    DDP rebuilds its buckets after the first step, so the fresh wrapper's reduce-scatter sums in another order.)"""
+    def built(mode):
+        torch.manual_seed(0)
+        model = Llama(MODEL)
+        model.norm.weight.requires_grad_(False)
+        optimizer = build_optimizer("muon", model, hparams("muon"))
+        if mode == "single":
+            return model, model, optimizer
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        return model, wrapped, ZeroRedundancy(optimizer, model=wrapped)
+
+    def step(wrapped, optimizer, rows):  # a rank's slice of the global batch under DDP, all of it in one process
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            rows = rows[rank * (BATCH // world_size):(rank + 1) * (BATCH // world_size)]
+        wrapped(rows[:, :-1], rows[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    data = batches(4)
+    (model, wrapped, zero), (_, one, single) = built("zero1"), built("single")
+    for rows in data[:3]:
+        step(wrapped, zero, rows)
+        step(one, single, rows)
+    got, want = zero.state_dict(), single.state_dict()
+    same_layout = got["state"].keys() == want["state"].keys() and all(
+        got["state"][k].keys() == want["state"][k].keys()
+        and all(got["state"][k][key].shape == value.shape for key, value in want["state"][k].items())
+        for k in want["state"])
+    worst = max(((got["state"][k][key] - value).abs().max() / value.abs().max().clamp(min=1e-30)).item()
+                for k in want["state"] for key, value in want["state"][k].items() if key != "step") if same_layout else 1.0
+    fresh_model, fresh_wrapped, fresh = built("zero1")
+    fresh_model.load_state_dict(model.state_dict())
+    fresh.load_state_dict(got)
+    again = fresh.state_dict()
+    round_trip = again["state"].keys() == got["state"].keys() and all(
+        torch.equal(again["state"][k][key], value) for k in got["state"] for key, value in got["state"][k].items())
+    step(wrapped, zero, data[3])
+    step(fresh_wrapped, fresh, data[3])
+    resumed = max(((a - b).abs().max() / b.abs().max()).item()
+                  for a, b in zip(fresh_model.parameters(), model.parameters()))
+    return {"same_layout": same_layout, "worst": worst, "round_trip": round_trip, "resumed": resumed}
+
+
 def bad_parameter_case(rank: int, world_size: int) -> dict:
     """ZeroRedundancy over a non-contiguous parameter: the error on every rank, before any collective."""
     torch.manual_seed(0)
@@ -176,6 +224,8 @@ def worker(rank: int, world_size: int, port: int, cases: list, results: str) -> 
                     outcomes[case] = bad_gradient_case(rank, world_size)
                 elif kind == "reduce_scatter":
                     outcomes[case] = reduce_scatter_case(rank, world_size)
+                elif kind == "consolidated_state":
+                    outcomes[case] = consolidated_state_case(rank, world_size)
                 elif kind == "bad_parameter":
                     outcomes[case] = bad_parameter_case(rank, world_size)
             except Exception:

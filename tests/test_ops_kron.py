@@ -34,8 +34,9 @@ LAYOUTS = [
     (1, (8, 8), (True, True)),
 ]
 # 1-D blocks with a triangular factor, (B, b): sizes that are not multiples of a warp or of the CUDA team (128
-# threads), some above it (a thread owns several columns), up to a few hundred blocks.
-VECTOR_BLOCKS = [(1, 1), (5, 1), (3, 7), (300, 33), (4, 130), (2, 257)]
+# threads), some above it (a thread owns several columns), up to a few hundred blocks, and the largest block these
+# kernels take (kron_vector::kMaxBlock = 2048, whose 5·b floats of scratch fill most of a CUDA block's 48 KB).
+VECTOR_BLOCKS = [(1, 1), (5, 1), (3, 7), (300, 33), (4, 130), (2, 257), (1, 2048)]
 
 
 def make_factors(batch, block, diagonal, gen):

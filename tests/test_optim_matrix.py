@@ -771,6 +771,21 @@ def test_kron_load_rejects_a_foreign_state_dict(rng):
         fastoptim.Kron(params).load_state_dict(other.state_dict())
 
 
+def test_kron_refuses_a_state_dict_of_the_shared_noise_generator(rng):
+    """A state saved when one generator drew every parameter's noise cannot resume the same draws: refused, nothing
+    loaded."""
+    params = random_params([(4, 4)], rng)
+    saved = fastoptim.Kron(params, block_size=4)
+    set_grads(params, random_grads(params, rng))
+    saved.step()
+    old = saved.state_dict()
+    old["kron"]["generators"] = {"cpu": torch.Generator().get_state()}
+    fresh = fastoptim.Kron(params, block_size=4)
+    with pytest.raises(ValueError, match="one shared generator"):
+        fresh.load_state_dict(old)
+    assert not fresh.state and fresh.schedule["step"] == 0
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(precond_update_prob_min=0.0), "precond_update_prob_min"), (dict(block_size=0), "block_size"),
     (dict(normalize_grads=1), "normalize_grads"), (dict(precond_lr=-0.1), "precond_lr"),

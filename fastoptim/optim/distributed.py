@@ -213,9 +213,9 @@ class ZeroRedundancy(OwnedShareStepper):
         self.params = params_in_order(optimizer)  # the model's tensors, at torch's state_dict positions
         self.device = self.params[0].device
         _check_same_parameters(self.params, process_group, self.device)
-        self.spans, self.row_sharded = ownership_spans(optimizer, self.world_size)
+        self.spans, owners = ownership_spans(optimizer, self.world_size)
         self.position = {param: k for k, param in enumerate(self.params)}
-        self.shards, self.sharded_state = self._place_shards(optimizer, process_group)
+        self.shards, self.sharded_state = self._place_shards(optimizer, process_group, owners)
         super().__init__(optimizer, [k for k, spans in enumerate(self.spans) if _size(spans[self.rank])],
                          process_group)
         self.gather_plans = self._gather_plans(optimizer)
@@ -234,18 +234,20 @@ class ZeroRedundancy(OwnedShareStepper):
         return self.optimizer.state
 
     # ---- who holds what -------------------------------------------------------------------------------------------
-    def _place_shards(self, optimizer: BaseOptimizer, process_group):
-        """Put this rank's rows of each row-sharded parameter in its place in the param groups. Returns (position →
-        shard, position → the DTensor that shard is a part of, for checkpoints that reshard)."""
+    def _place_shards(self, optimizer: BaseOptimizer, process_group, owners: dict[int, int]):
+        """Put this rank's rows of each row-sharded parameter (those without an owner) in its place in the param
+        groups. Returns (position → shard, position → the DTensor that shard is a part of, for checkpoints that
+        reshard)."""
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Shard
 
-        mesh = DeviceMesh.from_group(process_group or dist.group.WORLD, self.device.type) if self.row_sharded else None
+        row_sharded = len(owners) < len(self.params)
+        mesh = DeviceMesh.from_group(process_group or dist.group.WORLD, self.device.type) if row_sharded else None
         shards, templates = {}, {}
         for group in optimizer.param_groups:
             for i, param in enumerate(group["params"]):
                 k = self.position[param]
-                if k not in self.row_sharded:
+                if k in owners:
                     continue
                 first, end = (e // _row_numel(param) for e in self.spans[k][self.rank])
                 shard = torch.nn.Parameter(param.detach()[first:end], requires_grad=param.requires_grad)
@@ -393,12 +395,10 @@ class ZeroRedundancy(OwnedShareStepper):
         dist.all_gather_object(parts, _to_cpu(own["state"]), group=self.group)
         merged = {}
         for k in range(len(self.params)):
-            shares = [part[k] for part in parts if k in part]  # in rank order
-            if k in self.row_sharded:
+            shares = [part[k] for part in parts if k in part]  # in rank order; none for a parameter never stepped
+            if shares:
                 merged[k] = {key: value if key == "step" else torch.cat([share[key] for share in shares])
-                             for key, value in shares[0].items()}
-            elif shares:
-                merged[k] = shares[0]
+                             for key, value in shares[0].items()} if k in self.shards else shares[0]
         return {**own, "state": merged}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -407,7 +407,7 @@ class ZeroRedundancy(OwnedShareStepper):
         for k, entries in state_dict["state"].items():
             if k not in self.held:
                 continue
-            if k in self.row_sharded:
+            if k in self.shards:
                 first, end = (e // _row_numel(self.params[k]) for e in self.spans[k][self.rank])
                 entries = {key: value if key == "step" else value[first:end].clone() for key, value in entries.items()}
             share[k] = entries
@@ -421,18 +421,19 @@ def row_shards(rows: int, world_size: int) -> list[tuple[int, int]]:
     return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world_size)]
 
 
-def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> tuple[list[list[tuple[int, int]]], set[int]]:
+def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> tuple[list[list[tuple[int, int]]], dict[int, int]]:
     """Per parameter (group order) and rank, the elements [first, end) of the flattened parameter whose state that
-    rank holds and steps; and the positions split by rows.
+    rank holds and steps; and the owner rank of each parameter held whole (position → rank; the others are split by
+    rows).
 
     A parameter that ``row_shardable`` allows is split by rows over every rank: each row's update reads that row
-    only. Any other parameter is whole on one owner, assigned by state bytes on top of the
-    row shards' load, so that per-tensor computations (Muon's and Scion's Newton–Schulz, Soap's blocks, Cautious'
-    mask mean, Adam-mini's blocks) stay exact, and same-shape matrices end up batched on each owner.
+    only. Any other parameter is whole on one owner, assigned by state bytes on top of the row shards' load, so that
+    per-tensor computations (Muon's and Scion's Newton–Schulz, Soap's blocks, Cautious' mask mean, Adam-mini's
+    per-head blocks) stay exact, and same-shape matrices end up batched on each owner.
     """
     costs = state_bytes_of(optimizer)
     spans: list = []
-    row_sharded, whole = set(), []
+    whole = []
     load = [0] * world_size
     for group in optimizer.param_groups:
         for param in group["params"]:
@@ -440,16 +441,16 @@ def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> tuple[list[lis
             if row_shardable(optimizer, group, param):
                 row = _row_numel(param)
                 spans.append([(first * row, end * row) for first, end in row_shards(param.shape[0], world_size)])
-                row_sharded.add(k)
                 for rank, span in enumerate(spans[k]):
                     load[rank] += costs[k] * _size(span) // param.numel()
             else:
                 spans.append(None)
                 whole.append(k)
     params = params_in_order(optimizer)
-    for k, owner in zip(whole, assign_owners([costs[k] for k in whole], world_size, load)):
+    owners = dict(zip(whole, assign_owners([costs[k] for k in whole], world_size, load)))
+    for k, owner in owners.items():
         spans[k] = [(0, params[k].numel() if rank == owner else 0) for rank in range(world_size)]
-    return spans, row_sharded
+    return spans, owners
 
 
 def row_shardable(optimizer: BaseOptimizer, group: dict, param: torch.Tensor) -> bool:
@@ -466,7 +467,8 @@ def _size(span: tuple[int, int]) -> int:
 
 
 def _row_numel(param: torch.Tensor) -> int:
-    return param[0].numel() if param.ndim else 1
+    """Elements per row of a row-sharded parameter (``row_shardable``: at least one dim, not empty)."""
+    return param.numel() // param.shape[0]
 
 
 def _check_replicated_and_contiguous(optimizer: BaseOptimizer) -> None:

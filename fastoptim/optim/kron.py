@@ -184,7 +184,7 @@ class Kron(BaseOptimizer):
 
     def load_state_dict(self, state_dict):
         if "kron" not in state_dict:
-            raise ValueError("state_dict: missing 'kron' (the step, counters and generators of a Kron optimizer)")
+            raise ValueError("state_dict: missing 'kron' (the step, counters and seed of a Kron optimizer)")
         extra = state_dict["kron"]
         if "generators" in extra:
             raise ValueError("state_dict: saved by a Kron that drew all its noise from one shared generator (before "

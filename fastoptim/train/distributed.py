@@ -8,10 +8,10 @@ data/loader.py), so the run computes the same global-batch gradient as a single 
   optimizer state (row shards of the row-local branches, whole tensors by state bytes for the rest), parameters
   all-gathered back (fastoptim/optim/distributed.py).
 - fsdp: FSDP2 (`fully_shard` per transformer block, then the root) shards parameters and gradients. Optimizers step
-  through `OwnerStepper`: every parameter has one owner rank (the same assignment as ZeRO-1), which receives the
-  whole gradient, runs the optimizer on the whole tensor (Muon and Scion need whole matrices for Newton–Schulz) and
-  scatters the result back into the shards. The clip uses the global norm over all owners, so clipped parameters
-  spread like the rest.
+  through `OwnerStepper`, with ZeRO-1's ownership: row-shardable parameters step on their local shards; every other
+  parameter has one owner rank, which receives the whole gradient, runs the optimizer on the whole tensor (Muon and
+  Scion need whole matrices for Newton–Schulz) and sends the result back into the shards. The clip uses the global
+  norm over all shards and owners.
 
 SophiaH, whose Hessian-vector product bypasses the gradient reduction, runs on one process only.
 """
@@ -198,11 +198,10 @@ class OwnerStepper(OwnedShareStepper):
         probe = build(self.shadow)  # over meta tensors: the routing and the state shapes, for free
         check_shardable(probe, "mode fsdp")
         # ZeRO-1's ownership: its row shards are FSDP2's dim-0 shards, stepped where they lie
-        spans, row_sharded = ownership_spans(probe, env.world_size)
+        _, owners = ownership_spans(probe, env.world_size)
         names = [name for group in probe.param_groups for name in group["names"]]
-        self.local = {names[k] for k in row_sharded}
-        self.owner = {names[k]: next((rank for rank, span in enumerate(spans[k]) if span[1] > span[0]), 0)
-                      for k in range(len(names)) if k not in row_sharded}
+        self.owner = {names[k]: rank for k, rank in owners.items()}
+        self.local = set(names) - set(self.owner)
         self.buckets = self._shape_buckets()
         gathered = self._gather_to_owners({name: param.to_local() for name, param in self.params
                                            if name not in self.local})
@@ -238,13 +237,13 @@ class OwnerStepper(OwnedShareStepper):
         """Each named local shard gathered into its whole tensor on its owner (every rank calls it, with the same
         names): one all-to-all per shape bucket, in which every rank sends each shard to that tensor's owner alone.
         Returns name → whole tensor, for the names this rank owns."""
-        world, me, shapes = self.env.world_size, self.env.rank, dict(self.params)
+        world, me, params = self.env.world_size, self.env.rank, dict(self.params)
         pending = []
         for bucket in self.buckets:
             names = [name for name in bucket if name in shards]
             if not names:
                 continue
-            shape = shapes[names[0]].shape
+            shape = params[names[0]].shape
             rows = -(-shape[0] // world)  # FSDP2's dim-0 chunk; the last shards may be shorter or empty
             by_owner = [[name for name in names if self.owner[name] == rank] for rank in range(world)]
             send = torch.cat([_padded_rows(shards[name], rows).reshape(-1) for owned in by_owner for name in owned])
