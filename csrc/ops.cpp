@@ -25,9 +25,14 @@ TORCH_LIBRARY(fastoptim, m) {
         "Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, bool nesterov, Tensor? grad_scale) -> ()");
   // Cautious AdamW (of NAdamW's direction with nesterov): u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε), the mean per
   // tensor (two launches for the list).
+  // mask_means, when given, replaces the per-tensor mean (a tensor stepped in parts: the mean over the whole tensor
+  // from cautious_mask_counts, which takes cautious_adamw_'s arguments and counts 1[u·g > 0] per tensor).
   m.def("cautious_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor lr, Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, bool nesterov, "
-        "Tensor? grad_scale) -> ()");
+        "Tensor? grad_scale, Tensor? mask_means=None) -> ()");
+  m.def("cautious_mask_counts(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor lr, "
+        "Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, bool nesterov, Tensor? grad_scale) "
+        "-> Tensor");
   // Mars: AdamW on c = grad_scale·(g + γ·β1/(1−β1)·(g − g_prev)); then g_prev ← g.
   m.def("mars_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] prev_grads, Tensor(c!)[] exp_avgs, "
         "Tensor(d!)[] exp_avg_sqs, Tensor lr, Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, "

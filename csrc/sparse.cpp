@@ -29,9 +29,9 @@ void refuse_sparse(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 }
 
 constexpr const char* kOps[] = {
-    "decoupled_update_", "adamw_", "cautious_adamw_", "mars_adamw_", "adam_mini_", "lion_", "signum_", "momentum_",
-    "sophia_", "sophia_hessian_", "clip_scale", "mars_clip_scale", "newton_schulz_momentum_", "newton_schulz",
-    "soap_gram_", "soap_eigenbasis_", "soap_rotated_adam_", "soap_refresh_", "kron_precondition",
+    "decoupled_update_", "adamw_", "cautious_adamw_", "cautious_mask_counts", "mars_adamw_", "adam_mini_", "lion_",
+    "signum_", "momentum_", "sophia_", "sophia_hessian_", "clip_scale", "mars_clip_scale", "newton_schulz_momentum_",
+    "newton_schulz", "soap_gram_", "soap_eigenbasis_", "soap_rotated_adam_", "soap_refresh_", "kron_precondition",
     "kron_update_preconditioner_", "kron_balance_"};
 
 void register_refusals(torch::Library& m) {

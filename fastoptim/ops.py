@@ -112,6 +112,10 @@ if AVAILABLE:
         torch._check(len(tensors) > 0, lambda: "fastoptim: clip_scale: tensors is empty")
         return tensors[0].new_empty((), dtype=torch.float32)
 
+    @torch.library.register_fake("fastoptim::cautious_mask_counts")
+    def _(params, grads, exp_avgs, exp_avg_sqs, lr, steps, beta1, beta2, eps, weight_decay, nesterov, grad_scale):
+        return (grads[0].new_empty if grads else torch.empty)((len(grads),), dtype=torch.int64)
+
     @torch.library.register_fake("fastoptim::mars_clip_scale")
     def _(grads, prev_grads, gamma, beta1, max_norm):
         torch._check(len(grads) > 0, lambda: "fastoptim: mars_clip_scale: grads is empty")

@@ -34,7 +34,7 @@ def build(op, device, gen, shapes=SHAPES, dtype=torch.float32, state_dtype=torch
     step = step_counters(range(3, 3 + len(shapes)), device)  # parameters at different counts
     if op == "adamw_":
         return (p, g, m, v, lr, step, 0.9, 0.99, 1e-8, 0.1, True, gs)
-    if op == "cautious_adamw_":
+    if op in ("cautious_adamw_", "cautious_mask_counts"):
         return (p, g, m, v, lr, step, 0.9, 0.99, 1e-8, 0.1, False, gs)
     if op == "mars_adamw_":
         prev = randn(shapes, state_dtype, device, gen)
@@ -61,8 +61,9 @@ def build(op, device, gen, shapes=SHAPES, dtype=torch.float32, state_dtype=torch
 
 UPDATE_OPS = ["adamw_", "cautious_adamw_", "mars_adamw_", "adam_mini_", "lion_", "signum_", "momentum_", "sophia_",
               "sophia_hessian_"]
-NORM_OPS = ["clip_scale", "mars_clip_scale"]
-ALL_OPS = UPDATE_OPS + NORM_OPS
+NORM_OPS = ["clip_scale", "mars_clip_scale"]  # → a 0-dim float32 factor
+COUNT_OPS = ["cautious_mask_counts"]  # → an int64 count per tensor
+ALL_OPS = UPDATE_OPS + NORM_OPS + COUNT_OPS
 
 
 def tensor_lists(args):

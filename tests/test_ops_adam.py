@@ -152,3 +152,119 @@ def test_several_steps_track_the_reference(device, rng):
         ref = adam_reference(*ref[:1], grad, *ref[1:], lr=0.01 * t, t=t, beta1=0.9, beta2=0.98, eps=1e-20, wd=0.1)
     for got, want in zip((params[0], m[0], v[0]), ref):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- Cautious on row shards: the count pass alone, and the update with the whole tensor's mean ------------------
+@pytest.mark.parametrize("param_dtype, state_dtype", DTYPES)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_cautious_mask_counts_match_float64_reference(device, rng, param_dtype, state_dtype, nesterov):
+    """Per tensor, how many elements have u·g > 0 (u's sign is its numerator's), written nowhere. float32 may put an
+    element whose float64 numerator is within 1e-5 of cancelling on either side: the count lies between the sure
+    agreements and the sure-or-ambiguous ones."""
+    params, grads, state = make_state(SHAPES, param_dtype, state_dtype, device, rng)
+    m, v = state["exp_avgs"], state["exp_avg_sqs"]
+    counts = torch.randint(1, 50, (len(SHAPES),), generator=rng).tolist()
+    beta1, scale = 0.9, 0.25 + torch.rand((), generator=rng).item()
+    before = [t.clone() for t in params + m + v]
+    got = fastoptim_ops.cautious_mask_counts(params, grads, m, v, scalar(0.01, device), step_counters(counts, device),
+                                             beta1, 0.98, 1e-8, 0.1, nesterov, scalar(scale, device))
+    assert got.dtype == torch.int64 and got.device.type == torch.device(device).type
+    assert all(torch.equal(a, b) for a, b in zip(params + m + v, before))
+    scale = float(torch.tensor(scale, dtype=torch.float32))
+    for count, g, mi, t in zip(got.tolist(), grads, m, counts):
+        g, mi = g.double() * scale, mi.double()
+        decayed, fresh = beta1 * mi, (1 - beta1) * g
+        if nesterov:
+            decayed, fresh = beta1 * (decayed + fresh) / (1 - beta1 ** (t + 1)), fresh / (1 - beta1**t)
+        numerator = decayed + fresh
+        ambiguous = numerator.abs() <= 1e-5 * (decayed.abs() + fresh.abs())
+        agrees = numerator * g > 0
+        assert int((agrees & ~ambiguous).sum()) <= count <= int((agrees | ambiguous).sum())
+
+
+@pytest.mark.parametrize("param_dtype, state_dtype", DTYPES)
+def test_cautious_in_row_shards_with_summed_counts_equals_the_whole_step(device, rng, param_dtype, state_dtype):
+    """What ZeRO-1 and FSDP2 do: each tensor cut by rows into parts stepped by separate calls, each with the mean
+    of its whole tensor from the parts' summed counts, gives the whole tensor's step bit for bit."""
+    shapes = [(7, 3), (33, 65), (3 * 65536 + 5,)]
+    params, grads, state = make_state(shapes, param_dtype, state_dtype, device, rng)
+    whole = [params, grads, state["exp_avgs"], state["exp_avg_sqs"]]
+    cuts = [lambda t: t[:t.shape[0] // 3], lambda t: t[t.shape[0] // 3:]]
+    parts = [[[cut(t).clone() for t in tensors] for tensors in whole] for cut in cuts]  # [part][list][tensor]
+    steps = [3, 7, 20]
+    call = (scalar(0.03, device), 0.9, 0.98, 1e-8, 0.1, True, scalar(0.5, device))
+
+    def run(op, lists, *extra):
+        lr, beta1, beta2, eps, wd, nesterov, gs = call
+        return op(*lists, lr, step_counters(steps, device), beta1, beta2, eps, wd, nesterov, gs, *extra)
+
+    counts = sum(run(fastoptim_ops.cautious_mask_counts, lists) for lists in parts)
+    means = (counts.double() / torch.tensor([math.prod(s) for s in shapes], dtype=torch.float64,
+                                            device=counts.device)).float()
+    for lists in parts:
+        run(fastoptim_ops.cautious_adamw_, lists, means)
+    run(fastoptim_ops.cautious_adamw_, whole)
+    for k, tensors in enumerate(whole):
+        for i, t in enumerate(tensors):
+            assert torch.equal(torch.cat([parts[0][k][i], parts[1][k][i]]), t), (k, i)
+
+
+@pytest.mark.parametrize(
+    "means, message",
+    [
+        (lambda device: torch.full((2,), 0.5, dtype=torch.float64, device=device), "got dtype torch.float64"),
+        (lambda device: torch.full((3,), 0.5, device=device), r"one value per tensor \(2\)"),
+        (lambda device: torch.full((2, 1), 0.5, device=device), r"shape \[2, 1\]"),
+    ],
+)
+def test_cautious_mask_means_refused_by_name_writing_nothing(rng, means, message):
+    from elementwise_cases import build
+
+    args = build("cautious_adamw_", "cpu", rng)
+    before = [t.clone() for a in args if isinstance(a, list) for t in a]
+    with pytest.raises(RuntimeError, match="mask_means must be a float32 vector.*" + message):
+        fastoptim_ops.cautious_adamw_(*args, means("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip([t for a in args if isinstance(a, list) for t in a], before))
+
+
+def test_cautious_with_mask_means_passes_opcheck(device, rng):
+    from elementwise_cases import build
+
+    torch.library.opcheck(fastoptim_ops.cautious_adamw_.default,
+                          (*build("cautious_adamw_", device, rng), torch.tensor([0.25, 0.75], device=device)))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_pure_cautious_with_whole_mask_means_counts_and_steps_as_the_native_path(rng, nesterov):
+    """The functional entry on one row shard of each tensor, through the native op and through pure torch: each hands
+    whole_mask_means the same counts, and steps alike given the rest's counts. |m| ≥ 1 against |g| ≤ 5 with β1 =
+    0.9 keeps every numerator's sign that of m (no element is near cancelling), while u·g > 0 on about half."""
+    from fastoptim.optim.functional.adam import adam_
+
+    shapes = [(33, 65), (7, 3), (2 * 65536 + 9,)]
+    grads = [torch.randn(s, generator=rng).clamp(-5, 5) for s in shapes]
+    m = [torch.randn(s, generator=rng).sign() * (1 + torch.rand(s, generator=rng)) for s in shapes]
+    v = [torch.rand(s, generator=rng) for s in shapes]
+    params = [torch.randn(s, generator=rng) for s in shapes]
+    whole, t = [params, grads, m, v], 4
+    first = [[x[:x.shape[0] // 3].clone() for x in tensors] for tensors in whole]
+    rest = [[x[x.shape[0] // 3:].clone() for x in tensors] for tensors in whole]
+    hyper = dict(lr=0.03, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, grad_scale=None, nesterov=nesterov,
+                 cautious=True)
+    rest_counts = fastoptim_ops.cautious_mask_counts(*rest, scalar(0.03, "cpu"), step_counters([t + 1] * 3, "cpu"),
+                                                     0.9, 0.98, 1e-8, 0.1, nesterov, None)
+    sizes = torch.tensor([math.prod(s) for s in shapes], dtype=torch.float64)
+    seen, stepped = {}, {}
+    for fused in (True, False):
+        lists = [[x.clone() for x in tensors] for tensors in first]
+
+        def means(counts, fused=fused):
+            seen[fused] = counts.clone()
+            return ((counts + rest_counts).double() / sizes).float()
+
+        adam_(*lists, step_counters([t] * 3, "cpu"), whole_mask_means=means, fused=fused, **hyper)
+        stepped[fused] = lists
+    assert torch.equal(seen[True], seen[False]) and 0 < int(seen[True][0]) < first[0][0].numel()
+    for native, pure in zip(stepped[True], stepped[False]):
+        for a, b in zip(native, pure):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)

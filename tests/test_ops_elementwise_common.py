@@ -8,7 +8,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastoptim.ops  # noqa: F401  (loads the library and registers the fakes)
-from elementwise_cases import ALL_OPS, NORM_OPS, UPDATE_OPS, build, tensor_lists
+from elementwise_cases import ALL_OPS, COUNT_OPS, NORM_OPS, SHAPES, UPDATE_OPS, build, tensor_lists
 
 
 def op_of(name):
@@ -46,6 +46,8 @@ def test_fake_tensor_mode_runs_the_fake(rng, name):
         out = op_of(name)(*fake)
     if name in NORM_OPS:
         assert out.shape == () and out.dtype == torch.float32
+    elif name in COUNT_OPS:
+        assert out.shape == (len(SHAPES),) and out.dtype == torch.int64
     else:
         assert out is None
 
@@ -62,7 +64,7 @@ def test_compiles_fullgraph_and_matches_eager(device, rng, name):
     compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
     for _ in range(2):  # the second call reuses the graph; state advanced in place must match too
         out_compiled, out_eager = compiled(*args), call(*eager)
-    if name in NORM_OPS:
+    if name in NORM_OPS + COUNT_OPS:
         torch.testing.assert_close(out_compiled, out_eager)
     for (_, got), (_, want) in zip(tensor_lists(args), tensor_lists(eager)):
         for g, w in zip(got, want):
@@ -103,7 +105,7 @@ def test_bad_list_names_the_argument_and_writes_nothing(rng, name, corruption):
         assert_unchanged(args, before)
 
 
-@pytest.mark.parametrize("name", [n for n in UPDATE_OPS if n != "sophia_hessian_"])
+@pytest.mark.parametrize("name", [n for n in UPDATE_OPS + COUNT_OPS if n != "sophia_hessian_"])
 def test_bad_scalar_names_it_and_writes_nothing(rng, name):
     args = list(build(name, "cpu", rng))
     position = arg_names(name).index("grad_scale")
@@ -122,12 +124,13 @@ def test_state_in_another_dtype_than_float32_or_params_is_refused(rng):
 
 # sophia_hessian_ takes lists only: with all of them empty the dispatcher has no device to go by, so its functional
 # entry returns before calling it; the others still have their lr on a device.
-@pytest.mark.parametrize("name", [n for n in UPDATE_OPS if n != "sophia_hessian_"])
+@pytest.mark.parametrize("name", [n for n in UPDATE_OPS + COUNT_OPS if n != "sophia_hessian_"])
 def test_empty_lists_do_nothing(name):
     args = list(build(name, "cpu", torch.Generator()))
     for position, _ in tensor_lists(args):
         args[position] = []
-    op_of(name)(*args)
+    out = op_of(name)(*args)
+    assert out is None if name in UPDATE_OPS else out.shape == (0,)
 
 
 @pytest.mark.cuda

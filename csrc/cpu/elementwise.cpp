@@ -12,6 +12,7 @@
 TORCH_LIBRARY_IMPL(fastoptim, CPU, m) {
   m.impl("adamw_", &fastoptim::adamw_<fastoptim::cpu::Backend>);
   m.impl("cautious_adamw_", &fastoptim::cautious_adamw_<fastoptim::cpu::Backend>);
+  m.impl("cautious_mask_counts", &fastoptim::cautious_mask_counts<fastoptim::cpu::Backend>);
   m.impl("mars_adamw_", &fastoptim::mars_adamw_<fastoptim::cpu::Backend>);
   m.impl("adam_mini_", &fastoptim::adam_mini_<fastoptim::cpu::Backend>);
   m.impl("lion_", &fastoptim::lion_<fastoptim::cpu::Backend>);

@@ -12,6 +12,7 @@
 TORCH_LIBRARY_IMPL(fastoptim, CUDA, m) {
   m.impl("adamw_", &fastoptim::adamw_<fastoptim::cuda::Backend>);
   m.impl("cautious_adamw_", &fastoptim::cautious_adamw_<fastoptim::cuda::Backend>);
+  m.impl("cautious_mask_counts", &fastoptim::cautious_mask_counts<fastoptim::cuda::Backend>);
   m.impl("mars_adamw_", &fastoptim::mars_adamw_<fastoptim::cuda::Backend>);
   m.impl("adam_mini_", &fastoptim::adam_mini_<fastoptim::cuda::Backend>);
   m.impl("lion_", &fastoptim::lion_<fastoptim::cuda::Backend>);

@@ -1,5 +1,6 @@
 // The Adam family in one pass over memory (benchmark-spec §1.1–§1.4): AdamW and NAdamW (adamw_), Cautious
-// (cautious_adamw_: a counting pass over g and m for the per-tensor mask mean, then the update) and Mars
+// (cautious_adamw_: a counting pass over g and m for the per-tensor mask mean, cautious_mask_counts on its own, then
+// the update) and Mars
 // (mars_adamw_: Adam on the corrected gradient, keeping the previous raw gradient).
 #pragma once
 
@@ -112,10 +113,12 @@ struct CautiousCount {
 };
 
 // Cautious, pass 2: the Adam step with u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε). Both passes take the mask from
-// the numerator, computed by the same inline code from the same inputs, so they agree on it.
+// the numerator, computed by the same inline code from the same inputs, so they agree on it. The mean comes from
+// pass 1's counts, or is given (`means`: a tensor stepped in parts on several ranks, whose counts were summed).
 struct CautiousStep {
   AdamScalars scalars;
-  const unsigned long long* counts;
+  const unsigned long long* counts;  // used where means is null
+  const float* means;
 
   struct Math {
     StepScalars::Values s;
@@ -134,7 +137,9 @@ struct CautiousStep {
   };
 
   C10_HOST_DEVICE Math load(const ChunkContext& ctx) const {
-    const float mean = static_cast<float>(static_cast<double>(counts[ctx.tensor]) / static_cast<double>(ctx.numel));
+    const float mean = means != nullptr ? means[ctx.tensor]
+                                        : static_cast<float>(static_cast<double>(counts[ctx.tensor]) /
+                                                             static_cast<double>(ctx.numel));
     return {scalars.step_scalars.load(), scalars.moments(ctx), 1.0f / (mean + scalars.eps)};
   }
 };
@@ -210,21 +215,53 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
   });
 }
 
+// Cautious's pass 1 on its own: per tensor, the count of u·g > 0 (int64), for a caller that steps parts of tensors
+// and sums the counts of the parts before pass 2 (cautious_adamw_ with mask_means). The same arguments as
+// cautious_adamw_, checked the same way; nothing is written.
+template <typename Backend>
+at::Tensor cautious_mask_counts(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_sqs, const at::Tensor& lr, at::TensorList steps, double beta1,
+                                double beta2, double eps, double weight_decay, bool nesterov,
+                                const std::optional<at::Tensor>& grad_scale) {
+  const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr,
+                                        steps, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
+  const at::Tensor counts = at::zeros({static_cast<int64_t>(params.size())},
+                                      at::TensorOptions().dtype(at::kLong).device(call.device.value_or(at::kCPU)));
+  if (!call.device) return counts;
+  auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "cautious_mask_counts", [&] {
+    Backend::template multi_tensor_reduce<param_t, state_t>({grads, exp_avgs}, CautiousCount{call.scalars, count_ptr});
+  });
+  return counts;
+}
+
 template <typename Backend>
 void cautious_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, const at::Tensor& lr, at::TensorList steps, double beta1,
                      double beta2, double eps, double weight_decay, bool nesterov,
-                     const std::optional<at::Tensor>& grad_scale) {
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& mask_means) {
   const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr,
                                         steps, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
   if (!call.device) return;
-  const at::Tensor counts = at::zeros({static_cast<int64_t>(params.size())},
-                                      at::TensorOptions().dtype(at::kLong).device(*call.device));
-  auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  const float* means = nullptr;
+  at::Tensor counts;
+  if (mask_means) {
+    const at::Tensor& t = *mask_means;
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == static_cast<int64_t>(params.size()) && t.scalar_type() == at::kFloat,
+                "fastoptim: mask_means must be a float32 vector with one value per tensor (", params.size(),
+                "), got dtype ", dtype_name(t.scalar_type()), " and shape ", t.sizes());
+    TORCH_CHECK(t.device() == *call.device && t.is_contiguous(), "fastoptim: mask_means is on ", t.device(),
+                (t.is_contiguous() ? "" : " and not contiguous"), "; it must be contiguous on ", *call.device);
+    means = t.data_ptr<float>();
+  } else {
+    counts = cautious_mask_counts<Backend>(params, grads, exp_avgs, exp_avg_sqs, lr, steps, beta1, beta2, eps,
+                                           weight_decay, nesterov, grad_scale);
+  }
+  const auto* count_ptr = counts.defined() ? reinterpret_cast<const unsigned long long*>(counts.data_ptr<int64_t>())
+                                           : nullptr;
   FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "cautious_adamw_", [&] {
-    Backend::template multi_tensor_reduce<param_t, state_t>({grads, exp_avgs}, CautiousCount{call.scalars, count_ptr});
     Backend::template multi_tensor_apply<param_t, const param_t, state_t, state_t>(
-        {params, grads, exp_avgs, exp_avg_sqs}, CautiousStep{call.scalars, count_ptr});
+        {params, grads, exp_avgs, exp_avg_sqs}, CautiousStep{call.scalars, count_ptr, means});
   });
 }
 

@@ -5,6 +5,8 @@ Mars runs ``mars_`` on a corrected gradient. Defaults follow each optimizer's re
 docstring says; the paper's tuned settings are in ``fastoptim.paper_hparams``.
 """
 
+from functools import partial
+
 import torch
 
 from fastoptim.optim.base import BaseOptimizer, GroupWork, check_nonnegative, decay_of
@@ -48,7 +50,8 @@ class AdamW(BaseOptimizer):
             adam_(item.params, item.grads, item.state_list("exp_avg"), item.state_list("exp_avg_sq"),
                   item.state_list("step"), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                   weight_decay=decay_of(group), grad_scale=scales.get(item.index), nesterov=self.nesterov,
-                  cautious=self.cautious, fused=self.fused)
+                  cautious=self.cautious, fused=self.fused,
+                  whole_mask_means=None if self.whole_tensor_means is None else partial(self.whole_tensor_means, item))
 
 
 class NAdamW(AdamW):
@@ -64,12 +67,13 @@ class Cautious(AdamW):
     """Cautious AdamW (C-AdamW, benchmark-spec §1.4): the Adam direction u, masked where it disagrees in sign with
     the (clipped) gradient and renormalised per tensor: u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε).
 
-    The ε of the renormalisation is the optimizer's eps (the spec writes "mean(mask) + ε").
+    The ε of the renormalisation is the optimizer's eps (the spec writes "mean(mask) + ε"). Under ZeRO-1 and FSDP2
+    each rank steps row shards, and the mask's mean over each whole tensor comes from every rank's counts (one
+    all-reduce per group and step: ``whole_tensor_means``).
     Args and defaults: as AdamW (the C-AdamW reference implementation is torch's AdamW with the mask).
     """
 
     native_ops = ("cautious_adamw_",)
-    row_local_branches = frozenset()  # the mask's renormalisation is a mean over the whole tensor
     cautious = True
 
 

@@ -148,9 +148,10 @@ class BaseOptimizer(torch.optim.Optimizer):
     # Capabilities the trainer reads instead of optimizer names:
     # which branches max_grad_norm clips (None: every group; split optimizers clip their elementwise branch only);
     clipped_branches: frozenset[str] | None = None
-    # the branches whose update of each row (dim-0 slice) of a parameter reads only that row, its rows of the state
-    # and the global clip factor, so that row shards step on their own (ZeRO-1 and FSDP2 split them over ranks; a
-    # state tensor has a row per parameter row: shaped like it, or one value per row; see distributed.row_shardable);
+    # the branches whose update of each row (dim-0 slice) of a parameter reads only that row, its rows of the state,
+    # the global clip factor and per-tensor means that whole_tensor_means sums over ranks, so that row shards step on
+    # their own (ZeRO-1 and FSDP2 split them over ranks; a state tensor has a row per parameter row: shaped like it,
+    # or one value per row; see distributed.row_shardable);
     row_local_branches: frozenset[str] = frozenset()
     # whether a step needs a Hessian-vector product (``update_hessian(loss)`` on the steps where ``hessian_due``);
     needs_hvp: bool = False
@@ -160,6 +161,10 @@ class BaseOptimizer(torch.optim.Optimizer):
     # Set by a wrapper that steps each rank's share of the parameters (fastoptim.optim.distributed): the clip factor
     # per max_grad_norm from the global norm over every rank's share. None: this process holds every clipped tensor.
     global_clip_scales: Mapping[float, torch.Tensor] | None = None
+    # Set likewise while parameters step as row shards: (a group's work, this rank's int64 count per tensor of it) →
+    # the float32 mean of each count over the whole tensor, every rank's rows summed (Cautious's mask mean). It is a
+    # collective: every rank calls it once per group and step. None: each tensor is whole in this process.
+    whole_tensor_means: Callable[["GroupWork", torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, params, defaults: dict, *, fused=None, check_finite=False, overrides=None, **unknown):
         if unknown:

@@ -10,14 +10,15 @@
 `ZeroRedundancy` wraps a constructed fastoptim optimizer that every rank builds over the same parameters (so the
 param groups, LR schedulers and state_dict keep torch's conventions) and that holds no state yet:
 
-- Ownership (``ownership_spans``): the parameters of row-local branches (AdamW, NAdamW, Mars, Lion; the AdamW and
-  signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) are split by rows over every rank,
-  torch.chunk's split, which is DTensor's Shard(0): each rank steps its rows, through a view put in the parameter's
-  place in the param group. Every other parameter has one owner rank that steps the whole tensor, assigned greedily
-  (largest first onto the least-loaded rank) by the bytes of the state it will hold (``state_shapes``): whole
-  tensors keep every per-tensor computation exact (Cautious' mask normalisation, Soap's and Kron's blocks,
-  Adam-mini's per-head blocks, Muon's and Scion's Newton–Schulz), and an owner's matrices of one shape are
-  orthogonalised in one batched call, as in one process.
+- Ownership (``ownership_spans``): the parameters of row-local branches (AdamW, NAdamW, Cautious, Mars, Lion; the
+  AdamW and signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) are split by rows over every
+  rank, torch.chunk's split, which is DTensor's Shard(0): each rank steps its rows, through a view put in the
+  parameter's place in the param group (Cautious's mask mean over each whole tensor comes from one all-reduce of
+  the ranks' counts per group: ``whole_tensor_means``). Every other parameter has one owner rank that steps the
+  whole tensor, assigned greedily (largest first onto the least-loaded rank) by the bytes of the state it will hold
+  (``state_shapes``): whole tensors keep every per-tensor computation exact (Soap's and Kron's blocks, Adam-mini's
+  per-head blocks, Muon's and Scion's Newton–Schulz), and an owner's matrices of one shape are orthogonalised in one
+  batched call, as in one process.
 - Gradients: given the DDP model, a comm hook reduce-scatters each DDP bucket (each rank receives the average of
   the elements it owns; uneven parts, as ownership falls), overlapped with the backward pass as DDP's all-reduce is.
 - A step: the wrapped optimizer checks the owned gradients, state and hyperparameters (``prepare_step``); one
@@ -42,7 +43,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from fastoptim.optim.base import BaseOptimizer
+from fastoptim.optim.base import BaseOptimizer, GroupWork
 
 
 def assign_owners(costs: list[int], world_size: int, load: list[int] | None = None) -> list[int]:
@@ -137,13 +138,26 @@ class OwnedShareStepper:
             self._raise_everywhere(failure, had_state)
         optimizer.global_clip_scales = {limit: (limit / agreed[1 + i].sqrt()).clamp(max=1.0).to(dtype)
                                         for i, (limit, dtype) in enumerate(limits)}
+        optimizer.whole_tensor_means = functools.partial(self._whole_tensor_means, device)
         try:
             for item in sorted(work, key=lambda item: item.group["branch"] not in optimizer.row_local_branches):
                 optimizer.update([item])
                 if after_group is not None:
                     after_group(item.index)
         finally:
-            optimizer.global_clip_scales = None
+            optimizer.global_clip_scales = optimizer.whole_tensor_means = None
+
+    def _whole_tensor_means(self, device: torch.device, item: GroupWork, counts: torch.Tensor) -> torch.Tensor:
+        """``BaseOptimizer.whole_tensor_means``: (count, elements) of each of the group's positions summed over the
+        ranks (rows of a row-sharded tensor, or all of a tensor held whole by its owner), in one all-reduce that
+        every rank joins, also with no tensor of the group; returns count/elements for this rank's tensors."""
+        totals = torch.zeros(len(item.group["params"]), 2, dtype=torch.float64, device=device)
+        index = torch.tensor(item.positions, dtype=torch.int64, device=device)
+        sizes = torch.tensor([param.numel() for param in item.params], dtype=torch.float64, device=device)
+        totals[index] = torch.stack([counts.to(device, torch.float64), sizes], dim=1)
+        dist.all_reduce(totals, group=self.group)
+        whole = totals[index]
+        return (whole[:, 0] / whole[:, 1]).to(counts.device, torch.float32)
 
     def _clip_limits(self) -> dict[float, torch.dtype]:
         """Every max_grad_norm a clipped group uses, with the dtype of its factor (float32, or the widest of its
@@ -427,9 +441,9 @@ def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> tuple[list[lis
     rows).
 
     A parameter that ``row_shardable`` allows is split by rows over every rank: each row's update reads that row
-    only. Any other parameter is whole on one owner, assigned by state bytes on top of the row shards' load, so that
-    per-tensor computations (Muon's and Scion's Newton–Schulz, Soap's blocks, Cautious' mask mean, Adam-mini's
-    per-head blocks) stay exact, and same-shape matrices end up batched on each owner.
+    only (and per-tensor means summed over ranks). Any other parameter is whole on one owner, assigned by state bytes
+    on top of the row shards' load, so that per-tensor computations (Muon's and Scion's Newton–Schulz, Soap's
+    blocks, Adam-mini's per-head blocks) stay exact, and same-shape matrices end up batched on each owner.
     """
     costs = state_bytes_of(optimizer)
     spans: list = []

@@ -175,10 +175,10 @@ def build_sharded_optimizer(mode: str, model: nn.Module, optimizer_of: Callable[
 class OwnerStepper(OwnedShareStepper):
     """An optimizer over an FSDP2 model (1-D mesh, parameters sharded on dim 0).
 
-    Parameters that step as row shards (``row_shardable``: AdamW, NAdamW, Mars and Lion whole; the AdamW/signum
-    branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) step in place on the local shards: no gather,
-    and each rank holds 1/world of their state. Every other parameter (matrices of Muon and Scion, Adam-mini's
-    per-head blocks; everything of Cautious, Soap and Kron, whose updates read whole tensors) has one owner rank,
+    Parameters that step as row shards (``row_shardable``: AdamW, NAdamW, Cautious, Mars and Lion whole; the
+    AdamW/signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) step in place on the local
+    shards: no gather, and each rank holds 1/world of their state. Every other parameter (matrices of Muon and Scion,
+    Adam-mini's per-head blocks; everything of Soap and Kron, whose updates read whole tensors) has one owner rank,
     assigned by state bytes on top of the shards' load (``ownership_spans``, as under ZeRO-1): its gradient's shards
     go to the owner alone (one all-to-all per bucket of same-shape parameters, all issued together), the owner steps
     the whole tensor, and its new value goes back into the shards (one all-to-all per bucket). The optimizer is built

@@ -5,6 +5,8 @@ Each entry (`adam_`, `mars_`, `mars_clip_scale`) picks the native kernel or the 
 condition; both compute the same function on the same state.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from fastoptim import ops
@@ -13,33 +15,45 @@ from fastoptim.optim.functional.common import advance, apply_update_, bias_corre
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1: float, beta2: float, eps: float,
           weight_decay: float, grad_scale=None, nesterov: bool = False, cautious: bool = False,
-          fused: bool | None = None) -> None:
+          whole_mask_means: Callable[[torch.Tensor], torch.Tensor] | None = None, fused: bool | None = None) -> None:
     """One AdamW step (benchmark-spec §1.1), NAdamW with ``nesterov`` (§1.2), Cautious with ``cautious`` (§1.4).
 
     m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;  u = m̂/(√v̂ + ε) with m̂ = m/(1−β1^t), v̂ = v/(1−β2^t).
     NAdamW's numerator: m̂ = β1·m/(1−β1^(t+1)) + (1−β1)·g/(1−β1^t).
-    Cautious: u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε), the mean taken per tensor.
+    Cautious: u ← u·1[u·g > 0]/(mean(1[u·g > 0]) + ε), the mean taken per tensor. Tensors that are row shards of
+    larger ones (ZeRO-1, FSDP2) pass ``whole_mask_means``: it maps the mask's count per tensor here (int64) to its
+    mean over the whole tensor (float32). It may be a collective, so it is called once per call, with no tensors too.
     """
     if not params:
+        if cautious and whole_mask_means is not None:
+            whole_mask_means(torch.zeros(0, dtype=torch.int64))
         return
     advance(steps)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
                  nesterov=nesterov)
+    means_of = whole_mask_means if cautious else None
     if ops.use_native(fused, "cautious_adamw_" if cautious else "adamw_", params):
-        _adam_native(params, grads, exp_avgs, exp_avg_sqs, steps, cautious=cautious, **hyper)
+        _adam_native(params, grads, exp_avgs, exp_avg_sqs, steps, cautious=cautious, whole_mask_means=means_of,
+                     **hyper)
     else:
-        _adam_torch(params, grads, exp_avgs, exp_avg_sqs, steps, cautious=cautious, **hyper)
+        _adam_torch(params, grads, exp_avgs, exp_avg_sqs, steps, cautious=cautious, whole_mask_means=means_of,
+                    **hyper)
 
 
 def _adam_native(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, grad_scale,
-                 nesterov, cautious):
-    op = torch.ops.fastoptim.cautious_adamw_ if cautious else torch.ops.fastoptim.adamw_
-    op(params, grads, exp_avgs, exp_avg_sqs, ops.device_scalar(lr, params[0].device), steps, beta1, beta2, eps,
-       weight_decay, nesterov, grad_scale)
+                 nesterov, cautious, whole_mask_means):
+    args = (params, grads, exp_avgs, exp_avg_sqs, ops.device_scalar(lr, params[0].device), steps, beta1, beta2, eps,
+            weight_decay, nesterov, grad_scale)
+    if not cautious:
+        torch.ops.fastoptim.adamw_(*args)
+    elif whole_mask_means is None:
+        torch.ops.fastoptim.cautious_adamw_(*args)
+    else:
+        torch.ops.fastoptim.cautious_adamw_(*args, whole_mask_means(torch.ops.fastoptim.cautious_mask_counts(*args)))
 
 
 def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, grad_scale,
-                nesterov, cautious):
+                nesterov, cautious, whole_mask_means=None):
     grads = scaled(grads, grad_scale)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -56,14 +70,17 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2
         numerators = torch._foreach_div(exp_avgs, bias1)
     torch._foreach_div_(numerators, updates)
     if cautious:
-        _cautious_mask_(numerators, grads, eps)
+        _cautious_mask_(numerators, grads, eps, whole_mask_means)
     apply_update_(params, numerators, lr=lr, weight_decay=weight_decay, fused=False)
 
 
-def _cautious_mask_(updates, grads, eps: float) -> None:
-    """u ← u·mask/(mean(mask) + ε) with mask = 1[u·g > 0], per tensor."""
+def _cautious_mask_(updates, grads, eps: float, whole_mask_means) -> None:
+    """u ← u·mask/(mean(mask) + ε) with mask = 1[u·g > 0], per tensor (or per whole tensor: see adam_)."""
     masks = [torch.gt(ug, 0).to(ug.dtype) for ug in torch._foreach_mul(updates, grads)]
-    means = [mask.mean() for mask in masks]
+    if whole_mask_means is None:
+        means = [mask.mean() for mask in masks]
+    else:
+        means = list(whole_mask_means(torch.stack([mask.sum(dtype=torch.int64) for mask in masks])).unbind())
     torch._foreach_mul_(updates, masks)
     torch._foreach_div_(updates, torch._foreach_add(means, eps))
 
