@@ -69,3 +69,31 @@ def test_reduce_partials_follow_list_order_across_the_split(device, rng, tensors
     first = torch.ops.fastoptim.clip_scale(tensors, 1.0)
     second = torch.ops.fastoptim.clip_scale(tensors, 1.0)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3])
+def test_apply_on_views_off_the_vector_boundary_equals_fresh_tensors(device, rng, offset):
+    """On CUDA a chunk whose lists all start on a 4-element boundary moves as vector loads and stores, any other as
+    scalars: views at element offsets 1 to 3 (bfloat16 params, float32 state) take the scalar path, fresh tensors
+    the vector one and its scalar tail, and the two agree bit for bit."""
+    shapes = [(2 * CHUNK + 3,), (5, 7)]
+
+    def lists(dtype_of):
+        return [[randn(s, rng, "cpu").to(dtype) for s in shapes] for dtype in dtype_of]
+
+    fresh = [[t.to(device) for t in tensors] for tensors in lists([torch.bfloat16, torch.bfloat16, torch.float32])]
+    fresh.append([torch.rand(s, generator=rng).to(device) for s in shapes])  # exp_avg_sq ≥ 0
+
+    def shifted(t):
+        buffer = torch.empty(t.numel() + offset, dtype=t.dtype, device=device)
+        view = buffer[offset:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    views = [[shifted(t) for t in tensors] for tensors in fresh]
+    for args in (fresh, views):
+        torch.ops.fastoptim.adamw_(*args, scalar(0.01, device), step_counters([3, 3], device), 0.9, 0.99, 1e-8, 0.1,
+                                   False, scalar(0.5, device))
+    for a, b in zip(fresh, views):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)

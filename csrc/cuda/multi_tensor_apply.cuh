@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <array>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -101,9 +102,10 @@ __device__ __forceinline__ auto block_chunk(const TensorListMetadata<sizeof...(T
 // memory-bound update has kIlp times the loads outstanding of a one-element loop.
 constexpr int kIlp = 4;
 
-// A thread's kIlp elements of one list, in registers.
+// A thread's kIlp elements of one list, in registers; aligned so that kIlp consecutive elements load and store as
+// one vector access (16 bytes of float32, 8 of bfloat16 or float16).
 template <typename T>
-struct Lanes {
+struct alignas(kIlp * sizeof(std::remove_const_t<T>)) Lanes {
   std::remove_const_t<T> value[kIlp];
 };
 
@@ -113,11 +115,37 @@ __device__ __forceinline__ void store(T* address, const std::remove_const_t<T>& 
   if constexpr (!std::is_const_v<T>) *address = value;
 }
 
+template <typename T>
+__device__ __forceinline__ void store_lanes(T* address, const Lanes<T>& lanes) {
+  if constexpr (!std::is_const_v<T>) *reinterpret_cast<Lanes<T>*>(address) = lanes;
+}
+
+// Whether every list's chunk starts on a Lanes boundary: a fresh tensor does (the caching allocator aligns to 512
+// bytes and a chunk is 65536 elements); a view at another offset (a row shard, say) does not.
+template <typename... Ts>
+__device__ __forceinline__ bool lanes_aligned(Ts*... ptrs) {
+  return ((reinterpret_cast<uintptr_t>(ptrs) % alignof(Lanes<Ts>) == 0) && ...);
+}
+
 template <typename Functor, typename... Ts, size_t... I>
 __device__ __forceinline__ void apply_chunk(const TensorListMetadata<sizeof...(Ts)>& meta, const Functor& functor,
                                             int64_t chunk_base, std::index_sequence<I...> seq) {
   const auto [size, math, ptrs] = block_chunk<Ts...>(meta, functor, chunk_base, seq);
-  for (int64_t round = 0; round < size; round += static_cast<int64_t>(blockDim.x) * kIlp) {
+  int64_t done = 0;
+  if (lanes_aligned(std::get<I>(ptrs)...)) {
+    // Thread j takes elements [kIlp·j, kIlp·j + kIlp) of each group of kIlp·blockDim: one vector load per list.
+    done = size - size % kIlp;
+    for (int64_t i = (threadIdx.x) * static_cast<int64_t>(kIlp); i < done;
+         i += static_cast<int64_t>(blockDim.x) * kIlp) {
+      std::tuple<Lanes<Ts>...> lanes{*reinterpret_cast<const Lanes<Ts>*>(std::get<I>(ptrs) + i)...};
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) math(static_cast<Ts&>(std::get<I>(lanes).value[k])...);
+      (store_lanes(std::get<I>(ptrs) + i, std::get<I>(lanes)), ...);
+    }
+  }
+  // The rest (all of a chunk whose lists are not aligned, else the last size % kIlp elements): kIlp elements per
+  // thread and round, each list's loads strided by blockDim so a warp's accesses stay coalesced.
+  for (int64_t round = done; round < size; round += static_cast<int64_t>(blockDim.x) * kIlp) {
     std::tuple<Lanes<Ts>...> lanes;
 #pragma unroll
     for (int k = 0; k < kIlp; ++k) {
