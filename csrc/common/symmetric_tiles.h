@@ -19,6 +19,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -51,6 +52,20 @@ inline int64_t resolve_symmetric_tile(c10::string_view method, int64_t m, int64_
 // beta ≠ 0) and on exit. tile = 0: one plain batched GEMM.
 template <typename Tiles>
 void symmetric_gram_(at::Tensor& out, const at::Tensor& x, double beta, double alpha, int64_t tile) {
+  if (x.size(2) == 1 && x.is_cpu() && alpha >= 0.0) {
+    // A rank-one update (a 1-D block): CPU BLAS runs it at a third of memory speed (512 blocks of 256: 28 ms
+    // against 9.5 ms for these elementwise passes). Every term is a product that commutes, so out stays exactly
+    // symmetric: (x_i·x_j)·alpha when beta = 0 (out is not read: it may hold anything; and it is the pure-torch
+    // path's value to the bit, which matters where the first eigenbasis is degenerate), else s_i·s_j with
+    // s = √alpha·x.
+    if (beta == 0.0) {
+      at::mul_out(out, x, x.mT()).mul_(alpha);
+    } else {
+      const at::Tensor s = x * std::sqrt(alpha);
+      out.mul_(beta).addcmul_(s, s.mT());
+    }
+    return;
+  }
   if (tile == 0) {
     out.baddbmm_(x, x.mT(), beta, alpha);
     return;
