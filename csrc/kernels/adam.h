@@ -215,17 +215,10 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
   });
 }
 
-// Cautious's pass 1 on its own: per tensor, the count of u·g > 0 (int64), for a caller that steps parts of tensors
-// and sums the counts of the parts before pass 2 (cautious_adamw_ with mask_means). The same arguments as
-// cautious_adamw_, checked the same way; nothing is written.
+// Cautious's pass 1 on checked arguments: per tensor, the count of u·g > 0 (int64).
 template <typename Backend>
-at::Tensor cautious_mask_counts(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                at::TensorList exp_avg_sqs, const at::Tensor& lr, at::TensorList steps, double beta1,
-                                double beta2, double eps, double weight_decay, bool nesterov,
-                                const std::optional<at::Tensor>& grad_scale) {
-  const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr,
-                                        steps, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
-  const at::Tensor counts = at::zeros({static_cast<int64_t>(params.size())},
+at::Tensor count_cautious_mask(const AdamCall& call, at::TensorList grads, at::TensorList exp_avgs) {
+  const at::Tensor counts = at::zeros({static_cast<int64_t>(grads.size())},
                                       at::TensorOptions().dtype(at::kLong).device(call.device.value_or(at::kCPU)));
   if (!call.device) return counts;
   auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
@@ -233,6 +226,19 @@ at::Tensor cautious_mask_counts(at::TensorList params, at::TensorList grads, at:
     Backend::template multi_tensor_reduce<param_t, state_t>({grads, exp_avgs}, CautiousCount{call.scalars, count_ptr});
   });
   return counts;
+}
+
+// Cautious's pass 1 on its own, for a caller that steps parts of tensors and sums the counts of the parts before
+// pass 2 (cautious_adamw_ with mask_means). The same arguments as cautious_adamw_, checked the same way; nothing is
+// written.
+template <typename Backend>
+at::Tensor cautious_mask_counts(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_sqs, const at::Tensor& lr, at::TensorList steps, double beta1,
+                                double beta2, double eps, double weight_decay, bool nesterov,
+                                const std::optional<at::Tensor>& grad_scale) {
+  const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr,
+                                        steps, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
+  return count_cautious_mask<Backend>(call, grads, exp_avgs);
 }
 
 template <typename Backend>
@@ -243,8 +249,6 @@ void cautious_adamw_(at::TensorList params, at::TensorList grads, at::TensorList
   const AdamCall call = check_adam_call(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, lr,
                                         steps, beta1, beta2, eps, weight_decay, grad_scale, nesterov);
   if (!call.device) return;
-  const float* means = nullptr;
-  at::Tensor counts;
   if (mask_means) {
     const at::Tensor& t = *mask_means;
     TORCH_CHECK(t.dim() == 1 && t.size(0) == static_cast<int64_t>(params.size()) && t.scalar_type() == at::kFloat,
@@ -252,16 +256,15 @@ void cautious_adamw_(at::TensorList params, at::TensorList grads, at::TensorList
                 "), got dtype ", dtype_name(t.scalar_type()), " and shape ", t.sizes());
     TORCH_CHECK(t.device() == *call.device && t.is_contiguous(), "fastoptim: mask_means is on ", t.device(),
                 (t.is_contiguous() ? "" : " and not contiguous"), "; it must be contiguous on ", *call.device);
-    means = t.data_ptr<float>();
-  } else {
-    counts = cautious_mask_counts<Backend>(params, grads, exp_avgs, exp_avg_sqs, lr, steps, beta1, beta2, eps,
-                                           weight_decay, nesterov, grad_scale);
   }
-  const auto* count_ptr = counts.defined() ? reinterpret_cast<const unsigned long long*>(counts.data_ptr<int64_t>())
-                                           : nullptr;
+  const at::Tensor counts = mask_means ? at::Tensor() : count_cautious_mask<Backend>(call, grads, exp_avgs);
+  const CautiousStep step{
+      call.scalars,
+      counts.defined() ? reinterpret_cast<const unsigned long long*>(counts.data_ptr<int64_t>()) : nullptr,
+      mask_means ? mask_means->data_ptr<float>() : nullptr};
   FASTOPTIM_DISPATCH_PARAM_STATE(call.param_dtype, call.state_dtype, "cautious_adamw_", [&] {
     Backend::template multi_tensor_apply<param_t, const param_t, state_t, state_t>(
-        {params, grads, exp_avgs, exp_avg_sqs}, CautiousStep{call.scalars, count_ptr, means});
+        {params, grads, exp_avgs, exp_avg_sqs}, step);
   });
 }
 

@@ -31,13 +31,12 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1: float, beta
     advance(steps)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
                  nesterov=nesterov)
-    means_of = whole_mask_means if cautious else None
     if ops.use_native(fused, "cautious_adamw_" if cautious else "adamw_", params):
-        _adam_native(params, grads, exp_avgs, exp_avg_sqs, steps, cautious=cautious, whole_mask_means=means_of,
-                     **hyper)
+        _adam_native(params, grads, exp_avgs, exp_avg_sqs, steps, cautious=cautious,
+                     whole_mask_means=whole_mask_means, **hyper)
     else:
-        _adam_torch(params, grads, exp_avgs, exp_avg_sqs, steps, cautious=cautious, whole_mask_means=means_of,
-                    **hyper)
+        _adam_torch(params, grads, exp_avgs, exp_avg_sqs, steps, cautious=cautious,
+                    whole_mask_means=whole_mask_means, **hyper)
 
 
 def _adam_native(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, grad_scale,
