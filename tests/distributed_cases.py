@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from fastoptim.models import Llama
 from fastoptim.models.llama import LlamaConfig
-from fastoptim.optim.distributed import ZeroRedundancy
+from fastoptim.optim.distributed import ZeroRedundancy, params_in_order
 from fastoptim.optim.paper import paper_hparams
 from fastoptim.optim.registry import build_optimizer
 from fastoptim.train.loop import TRAINER_DEFAULTS
@@ -21,10 +21,13 @@ from fastoptim.train.loop import TRAINER_DEFAULTS
 # Rows that 2 and 4 ranks do not divide (70, 66): the last shards are shorter, the owners' transfers padded.
 MODEL = LlamaConfig(dim=32, n_layers=2, n_heads=2, intermediate=70, vocab_size=66, seq_len=16)
 BATCH, SEQ = 8, 16
-# Small preconditioner blocks keep Kron and Soap cheap; float32 Newton–Schulz (bf16 would round the ranks' last-bit
-# gradient differences visibly); a clip that binds, so the global-norm clip over ranks is exercised.
-OVERRIDES = {"kron": {"block_size": 16}, "soap": {"block_size": 16}, "muon": {"ns_dtype": "float32"},
-             "scion": {"ns_dtype": "float32"}}
+# Small preconditioner blocks keep Kron and Soap cheap; Soap leaves axes of 64 or more unrotated and merges no
+# dims, so that its embedding, head and up/gate projections (rows 66 and 70) step as row shards, as a real
+# vocabulary does; float32
+# Newton–Schulz (bf16 would round the ranks' last-bit gradient differences visibly); a clip that binds, so the
+# global-norm clip over ranks is exercised.
+OVERRIDES = {"kron": {"block_size": 16}, "soap": {"block_size": 16, "max_precond_dim": 64, "merge_dims_target": 0},
+             "muon": {"ns_dtype": "float32"}, "scion": {"ns_dtype": "float32"}}
 MAX_GRAD_NORM = 0.5
 # Soap's trajectory in float32 is chaotic under last-bit gradient differences (its first eigenbases come from
 # near-degenerate spectra: in one process a 1e-7 relative gradient perturbation moves the loss by 1e-3 within three
@@ -64,12 +67,22 @@ def build(name: str, mode: str, rank: int, world_size: int, config: LlamaConfig 
     raise ValueError(f"mode {mode!r}")
 
 
-def state_bytes(optimizer) -> tuple[int, int]:
-    """(bytes of every state tensor this rank holds, bytes of its step counters, which each rank holding part of a
-    parameter keeps a copy of)."""
-    held = optimizer.optimizer.state if hasattr(optimizer, "state_bytes") else optimizer.state
-    tensors = [(key, v) for s in held.values() for key, v in s.items() if isinstance(v, torch.Tensor)]
-    return sum(v.nbytes for _, v in tensors), sum(v.nbytes for key, v in tensors if key == "step")
+def state_bytes(optimizer) -> dict[str, int]:
+    """Bytes of every state tensor this rank holds; of its step counters; of the factors of Soap's row-sharded
+    tensors, which every rank holds whole and alike (each rank holding part of a parameter keeps its own copy of
+    those two)."""
+    sharded = hasattr(optimizer, "state_bytes")
+    inner = optimizer.optimizer if sharded else optimizer
+    axes = optimizer.row_axes if sharded else {}
+    counts = dict.fromkeys(("state_bytes", "step_bytes", "shared_bytes"), 0)
+    for k, param in enumerate(params_in_order(inner)):
+        for key, value in inner.state.get(param, {}).items():
+            counts["state_bytes"] += value.nbytes
+            if key == "step":
+                counts["step_bytes"] += value.nbytes
+            elif k in axes and axes[k].get(key) is None:
+                counts["shared_bytes"] += value.nbytes
+    return counts
 
 
 def run_case(name: str, mode: str, steps: int, rank: int = 0, world_size: int = 1) -> dict:
@@ -87,8 +100,7 @@ def run_case(name: str, mode: str, steps: int, rank: int = 0, world_size: int = 
             dist.all_reduce(loss)
             loss /= world_size
         losses.append(loss.item())
-    total, steps = state_bytes(optimizer)
-    return {"losses": losses, "state_bytes": total, "step_bytes": steps}
+    return {"losses": losses, **state_bytes(optimizer)}
 
 
 def bad_gradient_case(rank: int, world_size: int) -> dict:
@@ -149,34 +161,39 @@ def reduce_scatter_case(rank: int, world_size: int) -> dict:
     return {"owned": owned_error, "other": other_error, "step": step_error}
 
 
-def consolidated_state_case(rank: int, world_size: int) -> dict:
-    """ZeroRedundancy's state_dict() after 3 Muon steps, against one process's after the same steps (its keys and
-    shapes, and the largest difference relative to each tensor's largest magnitude), with the final norm frozen so
-    that one row-sharded parameter never has state; then a fresh wrapper loads it (whether its own state_dict() is
-    the loaded one exactly) and both take a 4th step: their parameters' largest relative difference. (Not bitwise:
-    DDP rebuilds its buckets after the first step, so the fresh wrapper's reduce-scatter sums in another order.)"""
-    def built(mode):
-        torch.manual_seed(0)
-        model = Llama(MODEL)
-        model.norm.weight.requires_grad_(False)
-        optimizer = build_optimizer("muon", model, hparams("muon"))
-        if mode == "single":
-            return model, model, optimizer
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        return model, wrapped, ZeroRedundancy(optimizer, model=wrapped)
+def _built(name: str, mode: str) -> tuple:
+    """(model, the model as stepped, optimizer) of `name` in one process ("single") or under ZeRO-1 ("zero1"), with
+    the final norm frozen so that one parameter never has state."""
+    torch.manual_seed(0)
+    model = Llama(MODEL).to(DTYPES.get(name, torch.float32))
+    model.norm.weight.requires_grad_(False)
+    optimizer = build_optimizer(name, model, hparams(name))
+    if mode == "single":
+        return model, model, optimizer
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    return model, wrapped, ZeroRedundancy(optimizer, model=wrapped)
 
-    def step(wrapped, optimizer, rows):  # a rank's slice of the global batch under DDP, all of it in one process
-        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-            rows = rows[rank * (BATCH // world_size):(rank + 1) * (BATCH // world_size)]
-        wrapped(rows[:, :-1], rows[:, 1:]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
+def _step(wrapped, optimizer, rows, rank: int, world_size: int) -> None:
+    """One step on a rank's slice of the global batch (all of it in one process)."""
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        rows = rows[rank * (BATCH // world_size):(rank + 1) * (BATCH // world_size)]
+    wrapped(rows[:, :-1], rows[:, 1:]).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def consolidated_state_case(name: str, rank: int, world_size: int) -> dict:
+    """ZeroRedundancy's state_dict() after 3 steps, against one process's after the same steps (its keys and
+    shapes, and the largest difference relative to each tensor's largest magnitude); then a fresh wrapper loads it
+    (whether its own state_dict() is the loaded one exactly) and both take a 4th step: their parameters' largest
+    relative difference. (Not bitwise: DDP rebuilds its buckets after the first step, so the fresh wrapper's
+    reduce-scatter sums in another order.)"""
     data = batches(4)
-    (model, wrapped, zero), (_, one, single) = built("zero1"), built("single")
+    (model, wrapped, zero), (_, one, single) = _built(name, "zero1"), _built(name, "single")
     for rows in data[:3]:
-        step(wrapped, zero, rows)
-        step(one, single, rows)
+        _step(wrapped, zero, rows, rank, world_size)
+        _step(one, single, rows, rank, world_size)
     got, want = zero.state_dict(), single.state_dict()
     same_layout = got["state"].keys() == want["state"].keys() and all(
         got["state"][k].keys() == want["state"][k].keys()
@@ -184,17 +201,52 @@ def consolidated_state_case(rank: int, world_size: int) -> dict:
         for k in want["state"])
     worst = max(((got["state"][k][key] - value).abs().max() / value.abs().max().clamp(min=1e-30)).item()
                 for k in want["state"] for key, value in want["state"][k].items() if key != "step") if same_layout else 1.0
-    fresh_model, fresh_wrapped, fresh = built("zero1")
+    fresh_model, fresh_wrapped, fresh = _built(name, "zero1")
     fresh_model.load_state_dict(model.state_dict())
     fresh.load_state_dict(got)
     again = fresh.state_dict()
     round_trip = again["state"].keys() == got["state"].keys() and all(
         torch.equal(again["state"][k][key], value) for k in got["state"] for key, value in got["state"][k].items())
-    step(wrapped, zero, data[3])
-    step(fresh_wrapped, fresh, data[3])
+    _step(wrapped, zero, data[3], rank, world_size)
+    _step(fresh_wrapped, fresh, data[3], rank, world_size)
     resumed = max(((a - b).abs().max() / b.abs().max()).item()
                   for a, b in zip(fresh_model.parameters(), model.parameters()))
     return {"same_layout": same_layout, "worst": worst, "round_trip": round_trip, "resumed": resumed}
+
+
+def soap_checkpoint_case(folder: str, rank: int, world_size: int) -> dict:
+    """Soap's row-sharded state through DCP: ZeRO-1 saves it after 3 steps (moments split on their row axis 1, the
+    factors whole); FSDP2 over the same ranks restores it, and each of its local state tensors must equal ZeRO-1's
+    (both split rows as torch.chunk does); reading whole tensors must give ZeRO-1's consolidated state."""
+    from pathlib import Path
+
+    from torch.distributed.tensor import DTensor, Shard
+
+    from fastoptim.train import checkpoint as ckpt
+    from fastoptim.train.distributed import checkpoint_tensors, restore_checkpoint
+
+    wrapped, zero = build("soap", "zero1", rank, world_size)
+    for rows in batches(3):
+        _step(wrapped, zero, rows, rank, world_size)
+    tensors, rest = checkpoint_tensors(wrapped, zero, fsdp=False)
+    on_axis_1 = sum(isinstance(t, DTensor) and tuple(t.placements) == (Shard(1),) for t in tensors.values())
+    path = ckpt.save_checkpoint(Path(folder), tensors, {"step": 3}, keep=1)
+    fsdp_model, fsdp = build("soap", "fsdp", rank, world_size)
+    restore_checkpoint({"path": path, "tensors": ckpt.tensor_shapes(path), "optimizer": rest}, fsdp_model, fsdp,
+                       fsdp=True)
+    mine, theirs = zero.local_state_dict()["state"], fsdp.local_state_dict()["state"]
+    local_equal = mine.keys() == theirs.keys() and all(
+        mine[k].keys() == theirs[k].keys() and all(torch.equal(v, theirs[k][key].cpu()) for key, v in mine[k].items())
+        for k in mine)
+    names = [name for group in zero.param_groups for name in group["names"]]
+    whole = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in ckpt.tensor_shapes(path).items()
+             if name.startswith("optimizer.")}
+    ckpt.load_tensors(path, whole)
+    consolidated = {f"optimizer.{names[k]}.{key}": value for k, entries in zero.state_dict()["state"].items()
+                    for key, value in entries.items()}
+    whole_equal = whole.keys() == consolidated.keys() and all(torch.equal(whole[n], v.cpu())
+                                                              for n, v in consolidated.items())
+    return {"on_axis_1": on_axis_1, "local_equal": local_equal, "whole_equal": whole_equal}
 
 
 def bad_parameter_case(rank: int, world_size: int) -> dict:
@@ -209,6 +261,11 @@ def bad_parameter_case(rank: int, world_size: int) -> dict:
     return {"error": None}
 
 
+CASES = {"run": run_case, "bad_gradient": bad_gradient_case, "reduce_scatter": reduce_scatter_case,
+         "consolidated_state": consolidated_state_case, "soap_checkpoint": soap_checkpoint_case,
+         "bad_parameter": bad_parameter_case}
+
+
 def worker(rank: int, world_size: int, port: int, cases: list, results: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -218,16 +275,7 @@ def worker(rank: int, world_size: int, port: int, cases: list, results: str) -> 
         for case in cases:
             kind, *args = case
             try:
-                if kind == "run":
-                    outcomes[case] = run_case(*args, rank=rank, world_size=world_size)
-                elif kind == "bad_gradient":
-                    outcomes[case] = bad_gradient_case(rank, world_size)
-                elif kind == "reduce_scatter":
-                    outcomes[case] = reduce_scatter_case(rank, world_size)
-                elif kind == "consolidated_state":
-                    outcomes[case] = consolidated_state_case(rank, world_size)
-                elif kind == "bad_parameter":
-                    outcomes[case] = bad_parameter_case(rank, world_size)
+                outcomes[case] = CASES[kind](*args, rank=rank, world_size=world_size)
             except Exception:
                 outcomes[case] = {"crash": traceback.format_exc()}
                 raise

@@ -41,8 +41,9 @@ def single():
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_modes_match_one_process_and_zero1_splits_the_state(world_size, single, tmp_path):
     runs = [("run", name, mode, STEPS) for mode, names in MODES.items() for name in names]
-    outcomes = launch(world_size, runs + [("bad_gradient",), ("reduce_scatter",), ("consolidated_state",),
-                                          ("bad_parameter",)], tmp_path)
+    checks = [("bad_gradient",), ("reduce_scatter",), ("consolidated_state", "muon"), ("consolidated_state", "soap"),
+              ("soap_checkpoint", str(tmp_path / f"soap-{world_size}")), ("bad_parameter",)]
+    outcomes = launch(world_size, runs + checks, tmp_path)
     differ = {}
     for case in runs:
         _, name, mode, _ = case
@@ -57,10 +58,13 @@ def test_modes_match_one_process_and_zero1_splits_the_state(world_size, single, 
             total = single[name]["state_bytes"]
             held = [got[case]["state_bytes"] for got in outcomes]
             assert max(held) <= total * (1 / world_size + 0.1), (name, mode, held, total)
-            # The shares partition the state exactly, but for the step counters: each rank holding part of a
-            # parameter keeps its own copy.
-            apart = [got[case]["state_bytes"] - got[case]["step_bytes"] for got in outcomes]
-            assert sum(apart) == total - single[name]["step_bytes"], (name, mode, apart, total)
+            # The shares partition the state exactly, but for the step counters and the factors of Soap's
+            # row-sharded tensors: each rank holding part of a parameter keeps its own copy.
+            shared = {got[case]["shared_bytes"] for got in outcomes}
+            assert len(shared) == 1 and (name == "soap") == (shared != {0}), (name, mode, shared)
+            apart = [got[case]["state_bytes"] - got[case]["step_bytes"] - got[case]["shared_bytes"]
+                     for got in outcomes]
+            assert sum(apart) == total - single[name]["step_bytes"] - shared.pop(), (name, mode, apart, total)
     for rank, got in enumerate(outcomes):
         outcome = got[("bad_gradient",)]
         assert outcome["unchanged"] and outcome["state"] == 0, rank
@@ -69,11 +73,16 @@ def test_modes_match_one_process_and_zero1_splits_the_state(world_size, single, 
         else:
             assert outcome["error"].startswith("RuntimeError: rank 1 refused the optimizer step (FloatingPointError")
     for rank, got in enumerate(outcomes):
-        outcome = got[("consolidated_state",)]
-        # One process's state up to float32 rounding, which Adam's g/(|g| + eps) magnifies on near-zero gradients
-        # (3e-6 to 4e-6 on 2 and 4 ranks); loaded back exactly.
-        assert outcome["same_layout"] and outcome["round_trip"], (rank, outcome)
-        assert outcome["worst"] < 5e-5 and outcome["resumed"] < 5e-5, (rank, outcome)
+        for name in ("muon", "soap"):
+            outcome = got[("consolidated_state", name)]
+            # One process's state up to rounding (Muon in float32: Adam's g/(|g| + eps) magnifies it on near-zero
+            # gradients, 3e-6 to 4e-6 on 2 and 4 ranks; Soap in float64, its row shards joined on their row axis);
+            # loaded back exactly.
+            assert outcome["same_layout"] and outcome["round_trip"], (rank, name, outcome)
+            assert outcome["worst"] < 5e-5 and outcome["resumed"] < 5e-5, (rank, name, outcome)
+        # Six row-sharded Soap tensors (embedding, head, up and gate projections), each with two moments.
+        outcome = got[("soap_checkpoint", str(tmp_path / f"soap-{world_size}"))]
+        assert outcome == {"on_axis_1": 12, "local_equal": True, "whole_equal": True}, (rank, outcome)
     for got in outcomes:
         assert got[("bad_parameter",)]["error"].startswith(
             "ZeroRedundancy: parameter 'layers.0.mlp.up_proj.weight' (shape (70, 32)) is not contiguous"), got
@@ -96,13 +105,44 @@ def test_each_rank_holds_its_share_of_the_state_of_the_130m_model(world_size):
         model = Llama(dataclasses.replace(get_model_config("130m"), vocab_size=128256))
     for name in MODES["zero1"]:
         optimizer = build_optimizer(name, model, {})
-        spans, _ = ownership_spans(optimizer, world_size)
+        spans = ownership_spans(optimizer, world_size).spans
         load = [0.0] * world_size
         for cost, param, param_spans in zip(state_bytes_of(optimizer), params_in_order(optimizer), spans):
             for rank, (first, end) in enumerate(param_spans):
                 load[rank] += cost * (end - first) / param.numel()
         mean = sum(load) / world_size
         assert max(load) <= 1.1 * mean and min(load) >= 0.9 * mean, (name, [x / mean for x in load])
+
+
+@pytest.mark.parametrize("size", ["130m", "520m"])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_soap_work_is_spread_over_the_ranks(size, world_size):
+    """Soap's per-step products on the paper's models with Llama 3's vocabulary, counted per rank: for each rotated
+    block axis of size b, four products of each block with a b×b matrix (rotate g, rotate m, rotate back, the
+    Gram). The embedding and the head, each two or more blocks of 128256 unrotated rows and more work than an
+    8-rank mean, step as row shards over every rank; every rank's work is within 10% of the mean."""
+    import math
+
+    from fastoptim.models import Llama, get_model_config
+    from fastoptim.optim.distributed import ownership_spans, params_in_order
+    from fastoptim.optim.registry import build_optimizer
+
+    with torch.device("meta"):
+        model = Llama(dataclasses.replace(get_model_config(size), vocab_size=128256))
+    optimizer = build_optimizer("soap", model, {})
+    ownership = ownership_spans(optimizer, world_size)
+    names = [name for group in optimizer.param_groups for name in group["names"]]
+    assert sorted(names[k] for k in ownership.row_axes) == ["embed_tokens.weight", "lm_head.weight"]
+    load = [0.0] * world_size
+    groups = [group for group in optimizer.param_groups for _ in group["params"]]
+    for group, param, spans in zip(groups, params_in_order(optimizer), ownership.spans):
+        layout = optimizer.layout(group, param)
+        work = 4 * layout.num_blocks * math.prod(layout.block) * sum(
+            b for b, unrotated in zip(layout.block, layout.special) if not unrotated)
+        for rank, (first, end) in enumerate(spans):
+            load[rank] += work * (end - first) / param.numel()
+    mean = sum(load) / world_size
+    assert max(load) <= 1.1 * mean and min(load) >= 0.9 * mean, [x / mean for x in load]
 
 
 # ---- the trainer: checkpoints that reshard, and the distributed result record ------------------------------------

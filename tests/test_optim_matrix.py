@@ -609,6 +609,110 @@ def test_soap_batched_state_matches_one_optimizer_per_parameter(rng):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
+def hadamard_grads(rows, cols, block, steps, gen):
+    """Gradients whose every block's Kronecker statistic has one fixed eigenbasis and well separated eigenvalues,
+    whichever way the rows are summed: G_t = P_t·H·D_t·S·O with H orthogonal ±1 columns of a Sylvester Hadamard
+    matrix (so HᵀH = rows·I exactly, for every row permutation P_t and column signs D_t drawn afresh each step), S
+    fixed scales 1, 1.25, 1.5, … per block and O fixed orthogonal per block. In the eigenbasis every entry has
+    magnitude exactly S's, far from zero, so Adam's denominators are well conditioned and the ranks' sums, which
+    round differently from one process's, move the result by rounding only."""
+    hadamard = torch.ones(1, 1)
+    while hadamard.shape[0] < rows:
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
+    assert hadamard.shape[0] == rows and cols <= rows and cols % block == 0
+    scales = (1 + 0.25 * torch.arange(block, dtype=torch.float64)).repeat(cols // block)
+    bases = torch.block_diag(*[torch.linalg.qr(torch.randn(block, block, generator=gen, dtype=torch.float64))[0]
+                               for _ in range(cols // block)])
+    out = []
+    for _ in range(steps):
+        signs = torch.randint(0, 2, (cols,), generator=gen).mul(2).sub(1).double()
+        g = hadamard[torch.randperm(rows, generator=gen), :cols].double() * signs * scales
+        out.append((g @ bases).float())
+    return out
+
+
+class RanksInThreads:
+    """sum_over_ranks for optimizers stepping in threads, one per rank: each call waits for every rank's tensor and
+    leaves their sum, added in rank order, in each; a call that some rank never makes times out (as a hang would)."""
+
+    def __init__(self, world_size):
+        import threading
+        self.barrier = threading.Barrier(world_size, timeout=60)
+        self.parts = [None] * world_size
+        self.calls = [0] * world_size
+
+    def sum_for(self, rank):
+        def sum_over_ranks(tensor):
+            self.parts[rank] = tensor.clone()
+            self.calls[rank] += 1
+            self.barrier.wait()
+            total = self.parts[0].clone()
+            for part in self.parts[1:]:
+                total += part
+            self.barrier.wait()
+            tensor.copy_(total)
+        return sum_over_ranks
+
+    def run(self, steps):
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
+            for future in [pool.submit(step) for step in steps]:
+                future.result()
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_soap_row_shards_with_summed_statistics_step_as_the_whole_tensor(fused, rng, device):
+    """What a rank of ZeRO-1 or FSDP2 does with a tensor whose vocabulary axis is not rotated: three ranks each step
+    their rows (11, 11, 10 of 32) of two such tensors, batched together, with the statistics summed over the ranks;
+    after six steps (first step, three refreshes) every rank's rows are the whole tensor's stepped in one process,
+    and every rank holds the same factors, bit for bit."""
+    rows, cols, block, world = 32, 16, 8, 3
+    hp = dict(lr=0.01, betas=(0.9, 0.95), shampoo_beta=0.9, eps=1e-10, weight_decay=0.1, precondition_frequency=2,
+              block_size=block, max_precond_dim=rows, merge_dims_target=0, fused=fused)
+    whole = random_params([(rows, cols), (rows, cols)], rng, device)
+    grads = [hadamard_grads(rows, cols, block, 6, rng) for _ in whole]
+    spans = [(0, 11), (11, 22), (22, 32)]
+    shards = [[p.detach()[a:b].clone().requires_grad_() for p in whole] for a, b in spans]
+    ranks = RanksInThreads(world)
+    optimizers = []
+    for rank, params in enumerate(shards):
+        opt = fastoptim.Soap(params, **hp)
+        opt.whole_shapes.update((p, torch.Size((rows, cols))) for p in params)
+        opt.sum_over_ranks = ranks.sum_for(rank)
+        optimizers.append(opt)
+    one = fastoptim.Soap(whole, **hp)
+    assert one.row_axes(one.param_groups[0], whole[0]) == {"exp_avg": 1, "exp_avg_sq": 1, "GG1": None, "Q1": None}
+    for step in range(6):
+        set_grads(whole, [g[step].to(device) for g in grads])
+        for (a, b), params in zip(spans, shards):
+            set_grads(params, [g[step][a:b].to(device) for g in grads])
+        one.step()
+        ranks.run([opt.step for opt in optimizers])
+    assert ranks.calls == [6] * world  # one sum per step: the two tensors' statistics are batched
+    for (a, b), params in zip(spans, shards):
+        for p, q in zip(params, whole):
+            # The differently summed statistics round differently: a few float32 ulps of the parameter (the six
+            # updates are about 6e-2 per element, so a wrong or missing sum shows at 1e-3).
+            assert_close(p.detach(), q.detach()[a:b], rtol=1e-6, atol=1e-7)
+    for p in range(2):
+        states = [opt.state[params[p]] for opt, params in zip(optimizers, shards)]
+        for key in ("GG1", "Q1"):
+            assert all(torch.equal(s[key], states[0][key]) for s in states[1:]), key
+            assert_close(states[0][key], one.state[whole[p]][key], rtol=1e-5, atol=1e-6)
+
+
+def test_soap_row_shard_without_a_sum_over_ranks_is_refused(rng):
+    whole = random_params([(32, 16)], rng)[0]
+    shard = whole.detach()[:16].clone().requires_grad_()
+    opt = fastoptim.Soap([shard], block_size=8, max_precond_dim=32, merge_dims_target=0)
+    opt.whole_shapes[shard] = whole.shape
+    shard.grad = torch.randn(shard.shape, generator=rng)
+    with pytest.raises(RuntimeError, match=r"Soap: param_groups\[0\]\['params'\]\[0\] \(shape \(16, 16\)\) is rows of "
+                                           r"a \(32, 16\) tensor, whose statistics sum over the ranks, but no "
+                                           r"sum_over_ranks is set"):
+        opt.step()
+
+
 def test_soap_tiny_llama_loss_falls():
     losses = train_tiny(lambda m: fastoptim.Soap(m, lr=0.01, block_size=16, weight_decay=0.0))
     assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.6 * losses[0]

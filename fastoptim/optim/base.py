@@ -151,7 +151,7 @@ class BaseOptimizer(torch.optim.Optimizer):
     # the branches whose update of each row (dim-0 slice) of a parameter reads only that row, its rows of the state,
     # the global clip factor and per-tensor means that whole_tensor_means sums over ranks, so that row shards step on
     # their own (ZeRO-1 and FSDP2 split them over ranks; a state tensor has a row per parameter row: shaped like it,
-    # or one value per row; see distributed.row_shardable);
+    # or one value per row; see row_axes);
     row_local_branches: frozenset[str] = frozenset()
     # whether a step needs a Hessian-vector product (``update_hessian(loss)`` on the steps where ``hessian_due``);
     needs_hvp: bool = False
@@ -165,6 +165,9 @@ class BaseOptimizer(torch.optim.Optimizer):
     # the float32 mean of each count over the whole tensor, every rank's rows summed (Cautious's mask mean). It is a
     # collective: every rank calls it once per group and step. None: each tensor is whole in this process.
     whole_tensor_means: Callable[["GroupWork", torch.Tensor], torch.Tensor] | None = None
+    # Set likewise: sums a tensor over the ranks in place (Soap's Kronecker statistics of a row-sharded tensor, a sum
+    # over its rows). A collective: every rank calls it alike. None: each tensor is whole in this process.
+    sum_over_ranks: Callable[[torch.Tensor], None] | None = None
 
     def __init__(self, params, defaults: dict, *, fused=None, check_finite=False, overrides=None, **unknown):
         if unknown:
@@ -178,6 +181,9 @@ class BaseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"check_finite: expected False, True, 'warn' or 'raise', got {check_finite!r}")
         self.fused = fused
         self.check_finite = "raise" if check_finite is True else check_finite
+        # A row shard in the param groups (placed there by ZeRO-1 or FSDP2's stepping) → the shape of the whole
+        # parameter it is rows of, for optimizers whose state layout depends on it (Soap's blocks).
+        self.whole_shapes: dict[torch.Tensor, torch.Size] = {}
         super().__init__(param_groups(params, self.branch_of, overrides), defaults)
         if fused:
             self.check_native([p for g in self.param_groups for p in g["params"]])
@@ -236,6 +242,20 @@ class BaseOptimizer(torch.optim.Optimizer):
         """Every state tensor of `param` and its shape. Key "step" is the step count: a 0-dim float32 CPU tensor;
         other tensors have the parameter's dtype and device and start at zero."""
         raise NotImplementedError
+
+    def row_axes(self, group: dict, param: torch.Tensor) -> dict[str, int | None] | None:
+        """How `param` steps as row shards (ZeRO-1 and FSDP2 then split it over the ranks by rows): for each state
+        tensor but the step counter, its axis that holds one entry per parameter row, or None for a tensor that
+        every rank holds whole and alike (sum_over_ranks keeps it so). None: the parameter steps whole, on one
+        owner. Here: the row-local branches, whose state tensors are shaped like the parameter or hold one value
+        per row."""
+        if group["branch"] not in self.row_local_branches or param.ndim == 0 or not param.numel():
+            return None
+        shapes = self.state_shapes(group, param)
+        rows = (tuple(param.shape), (param.shape[0],))
+        if not all(key == "step" or tuple(shape) in rows for key, shape in shapes.items()):
+            return None
+        return {key: 0 for key in shapes if key != "step"}
 
     def step_device(self, param: torch.Tensor) -> torch.device:
         return torch.device("cpu") if self.host_steps else param.device

@@ -11,14 +11,17 @@
 param groups, LR schedulers and state_dict keep torch's conventions) and that holds no state yet:
 
 - Ownership (``ownership_spans``): the parameters of row-local branches (AdamW, NAdamW, Cautious, Mars, Lion; the
-  AdamW and signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) are split by rows over every
-  rank, torch.chunk's split, which is DTensor's Shard(0): each rank steps its rows, through a view put in the
-  parameter's place in the param group (Cautious's mask mean over each whole tensor comes from one all-reduce of
-  the ranks' counts per group: ``whole_tensor_means``). Every other parameter has one owner rank that steps the
-  whole tensor, assigned greedily (largest first onto the least-loaded rank) by the bytes of the state it will hold
-  (``state_shapes``): whole tensors keep every per-tensor computation exact (Soap's and Kron's blocks, Adam-mini's
-  per-head blocks, Muon's and Scion's Newton–Schulz), and an owner's matrices of one shape are orthogonalised in one
-  batched call, as in one process.
+  AdamW and signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) and Soap's tensors whose
+  vocabulary axis is not rotated (the embedding and the head) are split by rows over every rank, torch.chunk's
+  split, which is DTensor's Shard(0): each rank steps its rows, through a view put in the parameter's place in the
+  param group (``BaseOptimizer.row_axes`` says how each state tensor splits). What a row's update reads beyond its
+  row comes from one all-reduce: Cautious's mask mean over each whole tensor (the ranks' counts per group,
+  ``whole_tensor_means``), Soap's Kronecker statistics of the rotated axes (``sum_over_ranks``), after which every
+  rank holds and refreshes the same factors. Every other parameter has one owner rank that steps the whole tensor,
+  assigned greedily (largest first onto the least-loaded rank) by the bytes of the state it will hold
+  (``state_shapes``): whole tensors keep every per-tensor computation exact (Soap's rotated blocks, Kron's blocks,
+  Adam-mini's per-head blocks, Muon's and Scion's Newton–Schulz), and an owner's matrices of one shape are
+  orthogonalised in one batched call, as in one process.
 - Gradients: given the DDP model, a comm hook reduce-scatters each DDP bucket (each rank receives the average of
   the elements it owns; uneven parts, as ownership falls), overlapped with the backward pass as DDP's all-reduce is.
 - A step: the wrapped optimizer checks the owned gradients, state and hyperparameters (``prepare_step``); one
@@ -39,6 +42,7 @@ stream, so its owner draws what one process would.)
 
 import functools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -110,8 +114,9 @@ class OwnedShareStepper:
     """Steps a fastoptim optimizer on the parameters this rank owns; the shared core of ZeRO-1 and FSDP2's owner
     stepping. The caller leaves gradients only on owned parameters; ``held`` lists their positions (group order)."""
 
-    def __init__(self, optimizer: BaseOptimizer, held: Iterable[int], group=None):
+    def __init__(self, optimizer: BaseOptimizer, held: Iterable[int], row_axes: dict[int, dict], group=None):
         self.optimizer, self.group, self.held = optimizer, group, frozenset(held)
+        self.row_axes = row_axes  # Ownership.row_axes: how the state of each row-sharded position is split
 
     @property
     def param_groups(self):
@@ -139,13 +144,14 @@ class OwnedShareStepper:
         optimizer.global_clip_scales = {limit: (limit / agreed[1 + i].sqrt()).clamp(max=1.0).to(dtype)
                                         for i, (limit, dtype) in enumerate(limits)}
         optimizer.whole_tensor_means = functools.partial(self._whole_tensor_means, device)
+        optimizer.sum_over_ranks = functools.partial(dist.all_reduce, group=self.group)
         try:
             for item in sorted(work, key=lambda item: item.group["branch"] not in optimizer.row_local_branches):
                 optimizer.update([item])
                 if after_group is not None:
                     after_group(item.index)
         finally:
-            optimizer.global_clip_scales = optimizer.whole_tensor_means = None
+            optimizer.global_clip_scales = optimizer.whole_tensor_means = optimizer.sum_over_ranks = None
 
     def _whole_tensor_means(self, device: torch.device, item: GroupWork, counts: torch.Tensor) -> torch.Tensor:
         """``BaseOptimizer.whole_tensor_means``: (count, elements) of each of the group's positions summed over the
@@ -227,11 +233,12 @@ class ZeroRedundancy(OwnedShareStepper):
         self.params = params_in_order(optimizer)  # the model's tensors, at torch's state_dict positions
         self.device = self.params[0].device
         _check_same_parameters(self.params, process_group, self.device)
-        self.spans, owners = ownership_spans(optimizer, self.world_size)
+        ownership = ownership_spans(optimizer, self.world_size)
+        self.spans = ownership.spans
         self.position = {param: k for k, param in enumerate(self.params)}
-        self.shards, self.sharded_state = self._place_shards(optimizer, process_group, owners)
+        self.shards, self.sharded_state = self._place_shards(optimizer, process_group, ownership.owners)
         super().__init__(optimizer, [k for k, spans in enumerate(self.spans) if _size(spans[self.rank])],
-                         process_group)
+                         ownership.row_axes, process_group)
         self.gather_plans = self._gather_plans(optimizer)
         if model is not None:
             self._hook_into(model)
@@ -266,6 +273,7 @@ class ZeroRedundancy(OwnedShareStepper):
                 first, end = (e // _row_numel(param) for e in self.spans[k][self.rank])
                 shard = torch.nn.Parameter(param.detach()[first:end], requires_grad=param.requires_grad)
                 group["params"][i] = shards[k] = shard
+                optimizer.whole_shapes[shard] = param.shape
                 templates[k] = DTensor.from_local(shard.detach(), mesh, [Shard(0)], run_check=False,
                                                   shape=param.shape, stride=param.stride())
         return shards, templates
@@ -411,8 +419,10 @@ class ZeroRedundancy(OwnedShareStepper):
         for k in range(len(self.params)):
             shares = [part[k] for part in parts if k in part]  # in rank order; none for a parameter never stepped
             if shares:
-                merged[k] = {key: value if key == "step" else torch.cat([share[key] for share in shares])
-                             for key, value in shares[0].items()} if k in self.shards else shares[0]
+                axes = self.row_axes.get(k, {})  # a row-sharded state joined on its row axis; the rest alike
+                merged[k] = {key: value if axes.get(key) is None else
+                             torch.cat([share[key] for share in shares], dim=axes[key])
+                             for key, value in shares[0].items()}
         return {**own, "state": merged}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -423,7 +433,9 @@ class ZeroRedundancy(OwnedShareStepper):
                 continue
             if k in self.shards:
                 first, end = (e // _row_numel(self.params[k]) for e in self.spans[k][self.rank])
-                entries = {key: value if key == "step" else value[first:end].clone() for key, value in entries.items()}
+                axes = self.row_axes[k]
+                entries = {key: value if axes.get(key) is None else value.narrow(axes[key], first, end - first).clone()
+                           for key, value in entries.items()}
             share[k] = entries
         self.optimizer.load_state_dict({**state_dict, "state": share})
 
@@ -435,26 +447,39 @@ def row_shards(rows: int, world_size: int) -> list[tuple[int, int]]:
     return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world_size)]
 
 
-def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> tuple[list[list[tuple[int, int]]], dict[int, int]]:
-    """Per parameter (group order) and rank, the elements [first, end) of the flattened parameter whose state that
-    rank holds and steps; and the owner rank of each parameter held whole (position → rank; the others are split by
-    rows).
+@dataclass(frozen=True)
+class Ownership:
+    """Who holds and steps what (``ownership_spans``), by parameter position (group order)."""
 
-    A parameter that ``row_shardable`` allows is split by rows over every rank: each row's update reads that row
-    only (and per-tensor means summed over ranks). Any other parameter is whole on one owner, assigned by state bytes
-    on top of the row shards' load, so that per-tensor computations (Muon's and Scion's Newton–Schulz, Soap's
-    blocks, Adam-mini's per-head blocks) stay exact, and same-shape matrices end up batched on each owner.
+    spans: list[list[tuple[int, int]]]  # per position and rank: the elements [first, end) of the flat parameter
+    owners: dict[int, int]  # position → owner rank, for the parameters held whole
+    row_axes: dict[int, dict[str, int | None]]  # position → BaseOptimizer.row_axes, for the row-sharded ones
+
+
+def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> Ownership:
+    """Per parameter (group order) and rank, the elements [first, end) of the flattened parameter whose state that
+    rank holds and steps; the owner rank of each parameter held whole; the row axes of the state of the others.
+
+    A parameter that ``BaseOptimizer.row_axes`` allows is split by rows over every rank: each row's update reads
+    that row only (and per-tensor sums over ranks). Any other parameter is whole on one owner, assigned by state
+    bytes on top of the row shards' load, so that per-tensor computations (Muon's and Scion's Newton–Schulz, Soap's
+    rotated blocks, Adam-mini's per-head blocks) stay exact, and same-shape matrices end up batched on each owner.
     """
     costs = state_bytes_of(optimizer)
     spans: list = []
-    whole = []
+    whole, row_axes = [], {}
     load = [0] * world_size
     for group in optimizer.param_groups:
         for param in group["params"]:
             k = len(spans)
-            if row_shardable(optimizer, group, param):
+            axes = optimizer.row_axes(group, param)
+            shards = row_shards(param.shape[0], world_size) if axes is not None else []
+            # A state summed over the ranks needs rows on every rank: a rank with none would skip the parameter
+            # (nothing to update) and so miss the collective.
+            if axes is not None and (None not in axes.values() or all(end > first for first, end in shards)):
                 row = _row_numel(param)
-                spans.append([(first * row, end * row) for first, end in row_shards(param.shape[0], world_size)])
+                spans.append([(first * row, end * row) for first, end in shards])
+                row_axes[k] = axes
                 for rank, span in enumerate(spans[k]):
                     load[rank] += costs[k] * _size(span) // param.numel()
             else:
@@ -464,16 +489,7 @@ def ownership_spans(optimizer: BaseOptimizer, world_size: int) -> tuple[list[lis
     owners = dict(zip(whole, assign_owners([costs[k] for k in whole], world_size, load)))
     for k, owner in owners.items():
         spans[k] = [(0, params[k].numel() if rank == owner else 0) for rank in range(world_size)]
-    return spans, owners
-
-
-def row_shardable(optimizer: BaseOptimizer, group: dict, param: torch.Tensor) -> bool:
-    """Whether `param` steps as row shards: its branch is row-local and each of its state tensors but the step
-    counter has a row per parameter row (shaped like it, or one value per row: Adam-mini's per-row blocks)."""
-    if group["branch"] not in optimizer.row_local_branches or param.ndim == 0 or not param.numel():
-        return False
-    rows = (tuple(param.shape), (param.shape[0],))
-    return all(key == "step" or tuple(shape) in rows for key, shape in optimizer.state_shapes(group, param).items())
+    return Ownership(spans, owners, row_axes)
 
 
 def _size(span: tuple[int, int]) -> int:
@@ -481,7 +497,7 @@ def _size(span: tuple[int, int]) -> int:
 
 
 def _row_numel(param: torch.Tensor) -> int:
-    """Elements per row of a row-sharded parameter (``row_shardable``: at least one dim, not empty)."""
+    """Elements per row of a row-sharded parameter (``row_axes``: at least one dim, not empty)."""
     return param.numel() // param.shape[0]
 
 

@@ -59,6 +59,9 @@ class Soap(BaseOptimizer):
 
     State per parameter, in the block layout (num_blocks, *block): exp_avg, exp_avg_sq, and per rotated block
     axis i: GG{i} and Q{i} (num_blocks, b_i, b_i).
+
+    Under ZeRO-1 and FSDP2 a parameter whose axis 0 is not rotated (the vocabulary) steps as row shards
+    (``row_axes``); every other parameter steps whole on its owner rank.
     """
 
     native_ops = ("soap_gram_", "soap_eigenbasis_", "soap_rotated_adam_", "soap_refresh_", "decoupled_update_")
@@ -82,10 +85,26 @@ class Soap(BaseOptimizer):
                         max_grad_norm=max_grad_norm)
         super().__init__(params, defaults, fused=fused, check_finite=check_finite, overrides=overrides)
 
-    @staticmethod
-    def layout(group: dict, param: torch.Tensor) -> BlockLayout:
-        return soap_layout(tuple(param.shape), group["block_size"], group["merge_dims_target"],
-                           group["max_precond_dim"])
+    def layout(self, group: dict, param: torch.Tensor) -> BlockLayout:
+        """The blocks of `param`: those of the whole parameter cut to its rows, for a row shard (whole_shapes)."""
+        whole = self.whole_shapes.get(param)
+        layout = soap_layout(tuple(param.shape if whole is None else whole), group["block_size"],
+                             group["merge_dims_target"], group["max_precond_dim"])
+        return layout if whole is None else layout.with_rows(param.shape[0])
+
+    def row_axes(self, group, param):
+        """A parameter whose rows are not rotated (the vocabulary axis of the embedding and the head, axis 0 a
+        merged axis of its own) steps as row shards: the rotation of the other axes, the moments and the update of
+        a row read that row only, and each rotated axis's Kronecker statistic, a sum over the rows, is summed over
+        the ranks (sum_over_ranks), so that every rank holds, and refreshes, the same factors. The moments, in the
+        layout (num_blocks, rows, ...), hold the rows on axis 1."""
+        if param.ndim < 2 or not param.numel():
+            return None
+        layout = self.layout(group, param)
+        if layout.merged[0] != param.shape[0] or not layout.special[0]:
+            return None
+        return {key: 1 if key.startswith("exp_avg") else None for key in self.state_shapes(group, param)
+                if key != "step"}
 
     def state_shapes(self, group, param):
         layout = self.layout(group, param)
@@ -96,18 +115,31 @@ class Soap(BaseOptimizer):
                 shapes[f"GG{axis}"] = shapes[f"Q{axis}"] = (layout.num_blocks, b, b)
         return shapes
 
+    def prepare_step(self) -> list[GroupWork]:
+        work = super().prepare_step()
+        self._check_factorisation_inputs(work)  # here, so that a sharded step agrees on it before any update
+        return work
+
     def update(self, work: list[GroupWork]) -> None:
-        self._check_factorisation_inputs(work)
         scales = self.clip_scales(work)
         for item in work:
             group, scale = item.group, scales.get(item.index)
             grads = item.grads if scale is None or not item.grads else torch._foreach_mul(item.grads, scale)
-            batches = defaultdict(list)  # same block shape, rotated axes and step: one batched call
+            # Same block shape, rotated axes and step: one batched call. Row shards batch by their whole shape, so
+            # that every rank makes the same calls of sum_over_ranks, in the same order.
+            batches = defaultdict(list)
             for i, p in enumerate(item.params):
                 layout = self.layout(group, p)
-                batches[(layout.block, layout.special, p.dtype, p.device, int(item.states[i]["step"]))].append(i)
-            for (block, special, *_, done), idx in batches.items():
-                self._batch_step(item, grads, idx, len(block), done + 1)
+                key = (layout.block, layout.special, p.dtype, p.device, int(item.states[i]["step"]))
+                batches[(*key, self.whole_shapes.get(p))].append(i)
+            for (block, special, _, _, done, whole), idx in batches.items():
+                if whole is not None and self.sum_over_ranks is None:
+                    label = self.param_label(group, item.index, item.positions[idx[0]])
+                    raise RuntimeError(f"Soap: {label} is rows of a {tuple(whole)} tensor, whose statistics sum "
+                                       f"over the ranks, but no sum_over_ranks is set: step row shards through "
+                                       f"ZeroRedundancy or OwnerStepper")
+                self._batch_step(item, grads, idx, len(block), done + 1,
+                                 sum_grams=None if whole is None else self.sum_over_ranks)
 
     def _check_factorisation_inputs(self, work: list[GroupWork]) -> None:
         """Before anything is written: the eigendecomposition of the first step and the QR of a refresh step fail
@@ -140,7 +172,8 @@ class Soap(BaseOptimizer):
             f"Soap: {names}: the eigenbasis cannot be computed from non-finite values. Pass check_finite='raise' (or "
             "'warn') to stop at the first non-finite gradient; parameters and optimizer state are untouched")
 
-    def _batch_step(self, item: GroupWork, grads: list[torch.Tensor], idx: list[int], ndim: int, step: int) -> None:
+    def _batch_step(self, item: GroupWork, grads: list[torch.Tensor], idx: list[int], ndim: int, step: int,
+                    sum_grams=None) -> None:
         group = item.group
         params = [item.params[i] for i in idx]
         states = [item.states[i] for i in idx]
@@ -151,13 +184,15 @@ class Soap(BaseOptimizer):
         ggs = [batched.get(f"GG{a}") for a in range(ndim)]
         qs = [batched.get(f"Q{a}") for a in range(ndim)]
         if step == 1:
-            soap_init_(grad_batch, ggs, qs, shampoo_beta=group["shampoo_beta"], eps=group["eps"], fused=self.fused)
+            soap_init_(grad_batch, ggs, qs, shampoo_beta=group["shampoo_beta"], eps=group["eps"], fused=self.fused,
+                       sum_grams=sum_grams)
             directions = [torch.zeros_like(p) for p in params]
         else:
             beta1, beta2 = group["betas"]
             out = soap_step_(grad_batch, batched["exp_avg"], batched["exp_avg_sq"], ggs, qs, step=step, beta1=beta1,
                              beta2=beta2, shampoo_beta=group["shampoo_beta"], eps=group["eps"],
-                             refresh=step % group["precondition_frequency"] == 0, fused=self.fused)
+                             refresh=step % group["precondition_frequency"] == 0, fused=self.fused,
+                             sum_grams=sum_grams)
             sizes = [lay.num_blocks for lay in layouts]
             directions = [lay.from_blocks(u) for lay, u in zip(layouts, out.split(sizes))]
         for s in states:

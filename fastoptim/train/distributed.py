@@ -175,10 +175,11 @@ def build_sharded_optimizer(mode: str, model: nn.Module, optimizer_of: Callable[
 class OwnerStepper(OwnedShareStepper):
     """An optimizer over an FSDP2 model (1-D mesh, parameters sharded on dim 0).
 
-    Parameters that step as row shards (``row_shardable``: AdamW, NAdamW, Cautious, Mars and Lion whole; the
-    AdamW/signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) step in place on the local
-    shards: no gather, and each rank holds 1/world of their state. Every other parameter (matrices of Muon and Scion,
-    Adam-mini's per-head blocks; everything of Soap and Kron, whose updates read whole tensors) has one owner rank,
+    Parameters that step as row shards (``BaseOptimizer.row_axes``: AdamW, NAdamW, Cautious, Mars and Lion whole;
+    the AdamW/signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks; Soap's tensors with an
+    unrotated vocabulary axis) step in place on the local shards: no gather, and each rank holds 1/world of their
+    state. Every other parameter (matrices of Muon and Scion, Adam-mini's per-head blocks; the rest of Soap and all
+    of Kron, whose updates read whole tensors) has one owner rank,
     assigned by state bytes on top of the shards' load (``ownership_spans``, as under ZeRO-1): its gradient's shards
     go to the owner alone (one all-to-all per bucket of same-shape parameters, all issued together), the owner steps
     the whole tensor, and its new value goes back into the shards (one all-to-all per bucket). The optimizer is built
@@ -198,9 +199,9 @@ class OwnerStepper(OwnedShareStepper):
         probe = build(self.shadow)  # over meta tensors: the routing and the state shapes, for free
         check_shardable(probe, "mode fsdp")
         # ZeRO-1's ownership: its row shards are FSDP2's dim-0 shards, stepped where they lie
-        _, owners = ownership_spans(probe, env.world_size)
+        ownership = ownership_spans(probe, env.world_size)
         names = [name for group in probe.param_groups for name in group["names"]]
-        self.owner = {names[k]: rank for k, rank in owners.items()}
+        self.owner = {names[k]: rank for k, rank in ownership.owners.items()}
         self.local = set(names) - set(self.owner)
         self.buckets = self._shape_buckets()
         gathered = self._gather_to_owners({name: param.to_local() for name, param in self.params
@@ -219,10 +220,11 @@ class OwnerStepper(OwnedShareStepper):
         optimizer = build(self.shadow)
         positions = [name for group in optimizer.param_groups for name in group["names"]]
         params = dict(self.params)
+        optimizer.whole_shapes.update((shadow_params[name], params[name].shape) for name in self.local)
         # torch position → the model's DTensor, for state held as local shards (checkpoints wrap it as DTensors)
         self.sharded_state = {k: params[name] for k, name in enumerate(positions) if name in self.local}
         held = [k for k, name in enumerate(positions) if name in self.local or self.owner[name] == env.rank]
-        super().__init__(optimizer, held)
+        super().__init__(optimizer, held, {k: ownership.row_axes[k] for k in self.sharded_state})
 
     def _shape_buckets(self) -> list[list[str]]:
         """The owned-whole parameters grouped by shape and dtype (model order): same-shape shards are equal, so one
@@ -384,13 +386,17 @@ def checkpoint_tensors(model: nn.Module, optimizer, fsdp: bool) -> tuple[dict[st
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"optimizer state {names[position]!r}[{key!r}] is not a tensor: DCP checkpoints "
                                 f"hold tensor state only")
-            tensors[f"optimizer.{names[position]}.{key}"] = _as_saved(optimizer, position, value)
+            tensors[f"optimizer.{names[position]}.{key}"] = _as_saved(optimizer, position, key, value)
     return tensors, {key: value for key, value in state.items() if key != "state"}
 
 
-def _sharded_like(optimizer, position: int):
-    """The DTensor whose local shard this state position is (FSDP2's and ZeRO-1's row shards), else None."""
-    return optimizer.sharded_state.get(position) if isinstance(optimizer, OwnedShareStepper) else None
+def _row_sharded(optimizer, position: int, key: str):
+    """(the parameter's DTensor, the state tensor's row axis) for a state tensor that holds this rank's rows of a
+    row-sharded parameter (FSDP2's and ZeRO-1's), else None (the tensor is whole here)."""
+    if not isinstance(optimizer, OwnedShareStepper) or position not in optimizer.sharded_state:
+        return None
+    axis = optimizer.row_axes[position].get(key)
+    return None if axis is None else (optimizer.sharded_state[position], axis)
 
 
 def _local_part(value: torch.Tensor) -> torch.Tensor:
@@ -399,16 +405,18 @@ def _local_part(value: torch.Tensor) -> torch.Tensor:
     return value.to_local() if isinstance(value, DTensor) else value
 
 
-def _as_saved(optimizer, position: int, value: torch.Tensor) -> torch.Tensor:
-    """A state tensor as DCP must see it: a local shard as the DTensor it is a shard of (so that it reshards): the
-    parameter's rows, of the parameter's shape or of one value per row."""
-    param = _sharded_like(optimizer, position)
-    if param is None or value.ndim == 0:
+def _as_saved(optimizer, position: int, key: str, value: torch.Tensor) -> torch.Tensor:
+    """A state tensor as DCP must see it: this rank's rows as the DTensor they are a shard of, split on the state's
+    row axis (so that it reshards); a tensor whole here (an owner's, a step counter, a factor every rank holds
+    alike) as itself."""
+    sharded = _row_sharded(optimizer, position, key)
+    if sharded is None:
         return value
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Shard
 
-    shape = (param.shape[0], *value.shape[1:])
-    return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=shape,
+    param, axis = sharded
+    shape = (*value.shape[:axis], param.shape[0], *value.shape[axis + 1:])
+    return DTensor.from_local(value, param.device_mesh, [Shard(axis)], run_check=False, shape=shape,
                               stride=torch.empty(shape, device="meta").stride())
 
 
@@ -438,11 +446,16 @@ def restore_checkpoint(checkpoint: dict, model: nn.Module, optimizer, fsdp: bool
     for position in held:
         prefix = f"optimizer.{names[position]}."
         for name, (shape, dtype) in saved.items():
-            if name.startswith(prefix) and "." not in name[len(prefix):]:
-                param = _sharded_like(optimizer, position)
-                local_shape = shape if param is None or not shape else (param.to_local().shape[0], *shape[1:])
-                empty = torch.empty(local_shape, dtype=dtype, device="cpu" if param is None else param.device)
-                wanted.setdefault(position, {})[name[len(prefix):]] = _as_saved(optimizer, position, empty)
+            key = name[len(prefix):]
+            if name.startswith(prefix) and "." not in key:
+                sharded = _row_sharded(optimizer, position, key)
+                if sharded is None:
+                    empty = torch.empty(shape, dtype=dtype, device="cpu")
+                else:
+                    param, axis = sharded
+                    local_shape = (*shape[:axis], param.to_local().shape[0], *shape[axis + 1:])
+                    empty = torch.empty(local_shape, dtype=dtype, device=param.device)
+                wanted.setdefault(position, {})[key] = _as_saved(optimizer, position, key, empty)
     ckpt.load_tensors(path, {**{f"model.{name}": value for name, value in model_tensors.items()},
                              **{f"optimizer.{names[pos]}.{key}": value
                                 for pos, entries in wanted.items() for key, value in entries.items()}})

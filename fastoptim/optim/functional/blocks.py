@@ -76,6 +76,15 @@ class BlockLayout:
         grid = tuple(-(-d // b) for d, b in zip(merged, block))
         return cls(shape, merged, special, block, grid)
 
+    def with_rows(self, rows: int) -> "BlockLayout":
+        """This layout for `rows` of the parameter's rows (a row shard of it); axis 0 must be a merged axis of its
+        own that each block holds whole (a special axis), so that a shard's blocks are the whole tensor's blocks cut
+        by rows."""
+        if self.merged[0] != self.shape[0] or self.grid[0] != 1:
+            raise ValueError(f"blocks of shape {self.block} of a {self.shape} tensor do not hold its rows whole")
+        return BlockLayout((rows, *self.shape[1:]), (rows, *self.merged[1:]), self.special, (rows, *self.block[1:]),
+                           self.grid)
+
     @property
     def num_blocks(self) -> int:
         return math.prod(self.grid)

@@ -39,41 +39,65 @@ def _rotate(x: Tensor, qs: list[Tensor | None], back: bool = False) -> Tensor:
     return x
 
 
-def soap_init_(grads: Tensor, ggs: list[Tensor | None], qs: list[Tensor | None], *, shampoo_beta: float,
-               eps: float, fused: bool | None = None) -> None:
-    """The first step: GG_i ← (1−shampoo_beta)·G_(i)G_(i)ᵀ and Q_i ← eigenvectors of GG_i + eps·I, by descending
-    eigenvalue. (The step's update is zero; the moments are untouched.)"""
-    grads = grads.contiguous()
-    if _use_native(fused, "soap_eigenbasis_", grads):
-        gg_left, gg_right = _sides(ggs)
-        torch.ops.fastoptim.soap_gram_(gg_left, gg_right, _as_matrices(grads), 0.0, 1 - shampoo_beta)
-        for gg, q in zip(ggs, qs):
-            if gg is not None:
-                torch.ops.fastoptim.soap_eigenbasis_(q, gg, eps)
+def _grams(grads: Tensor, ggs: list[Tensor | None], native: bool) -> list[Tensor | None]:
+    """G_(i)G_(i)ᵀ of each block, per rotated axis i (None where `ggs` has None)."""
+    if not native:
+        return [None if gg is None else unfold_gram(grads, axis) for axis, gg in enumerate(ggs)]
+    grams = [None if gg is None else torch.zeros_like(gg) for gg in ggs]
+    torch.ops.fastoptim.soap_gram_(*_sides(grams), _as_matrices(grads), 0.0, 1.0)
+    return grams
+
+
+def _fold_grams_(grads: Tensor, ggs: list[Tensor | None], shampoo_beta: float, native: bool, sum_grams) -> None:
+    """GG_i ← lerp(GG_i, G_(i)G_(i)ᵀ, 1−shampoo_beta); with `sum_grams` (rows of a tensor split over ranks), the
+    Gram summed over every rank's rows."""
+    if native and sum_grams is None:
+        torch.ops.fastoptim.soap_gram_(*_sides(ggs), _as_matrices(grads), shampoo_beta, 1 - shampoo_beta)
         return
-    for axis, (gg, q) in enumerate(zip(ggs, qs)):
+    for gg, gram in zip(ggs, _grams(grads, ggs, native)):
+        if gg is not None:
+            if sum_grams is not None:
+                sum_grams(gram)
+            gg.lerp_(gram, 1 - shampoo_beta)
+
+
+def soap_init_(grads: Tensor, ggs: list[Tensor | None], qs: list[Tensor | None], *, shampoo_beta: float,
+               eps: float, fused: bool | None = None, sum_grams=None) -> None:
+    """The first step: GG_i ← (1−shampoo_beta)·G_(i)G_(i)ᵀ and Q_i ← eigenvectors of GG_i + eps·I, by descending
+    eigenvalue. (The step's update is zero; the moments are untouched.) `sum_grams(t)`, when given, sums t over the
+    ranks in place: `grads` are this rank's rows of the blocks, and every rank ends with the same GG_i and Q_i."""
+    grads = grads.contiguous()
+    native = _use_native(fused, "soap_eigenbasis_", grads)
+    for gg, q, gram in zip(ggs, qs, _grams(grads, ggs, native)):
         if gg is None:
             continue
-        gg.copy_(unfold_gram(grads, axis) * (1 - shampoo_beta))
-        eye = torch.eye(gg.shape[-1], dtype=torch.float32, device=gg.device)
-        _, vectors = torch.linalg.eigh(gg.float() + eps * eye)
-        q.copy_(vectors.flip(-1))
+        if sum_grams is not None:
+            sum_grams(gram)
+        gg.copy_(gram.mul_(1 - shampoo_beta))
+        if native:
+            torch.ops.fastoptim.soap_eigenbasis_(q, gg, eps)
+        else:
+            eye = torch.eye(gg.shape[-1], dtype=torch.float32, device=gg.device)
+            _, vectors = torch.linalg.eigh(gg.float() + eps * eye)
+            q.copy_(vectors.flip(-1))
 
 
 def soap_step_(grads: Tensor, exp_avgs: Tensor, exp_avg_sqs: Tensor, ggs: list[Tensor | None],
                qs: list[Tensor | None], *, step: int, beta1: float, beta2: float, shampoo_beta: float, eps: float,
-               refresh: bool, fused: bool | None = None) -> Tensor:
+               refresh: bool, fused: bool | None = None, sum_grams=None) -> Tensor:
     """One later step; returns the bias-corrected direction u (n, *block), in the original basis.
 
     m ← β1·m + (1−β1)·g (original basis); v ← β2·v + (1−β2)·(Qᵀg)² (eigenbasis);
     u = Q·(Qᵀm/(√v + ε))·√(1−β2^t)/(1−β1^t). Then, when `refresh`, each eigenbasis takes one power step from the
     statistics of before this step: columns sorted by diag(QᵀGG Q) descending (v permuted to match), Q ← QR(GG·Q).
-    Finally GG_i ← lerp(GG_i, G_(i)G_(i)ᵀ, 1−shampoo_beta).
+    Finally GG_i ← lerp(GG_i, G_(i)G_(i)ᵀ, 1−shampoo_beta), the Gram summed over the ranks by `sum_grams` when
+    given (as in soap_init_).
     """
     grads = grads.contiguous()
     if _use_native(fused, "soap_rotated_adam_", grads):
-        return _soap_step_native(grads, exp_avgs, exp_avg_sqs, ggs, qs, step, beta1, beta2, shampoo_beta, eps,
-                                 refresh)
+        direction = _soap_step_native(grads, exp_avgs, exp_avg_sqs, qs, ggs, step, beta1, beta2, eps, refresh)
+        _fold_grams_(grads, ggs, shampoo_beta, True, sum_grams)
+        return direction
     exp_avgs.lerp_(grads, 1 - beta1)
     rotated = _rotate(grads, qs)
     exp_avg_sqs.mul_(beta2).addcmul_(rotated, rotated, value=1 - beta2)
@@ -82,13 +106,11 @@ def soap_step_(grads: Tensor, exp_avgs: Tensor, exp_avg_sqs: Tensor, ggs: list[T
     direction.mul_(math.sqrt(1 - beta2**step) / (1 - beta1**step))
     if refresh:
         _refresh_eigenbases_(exp_avg_sqs, ggs, qs)
-    for axis, gg in enumerate(ggs):
-        if gg is not None:
-            gg.lerp_(unfold_gram(grads, axis), 1 - shampoo_beta)
+    _fold_grams_(grads, ggs, shampoo_beta, False, sum_grams)
     return direction
 
 
-def _soap_step_native(grads, exp_avgs, exp_avg_sqs, ggs, qs, step, beta1, beta2, shampoo_beta, eps, refresh):
+def _soap_step_native(grads, exp_avgs, exp_avg_sqs, qs, ggs, step, beta1, beta2, eps, refresh):
     g = _as_matrices(grads)
     exp_avg_sq = _as_matrices(exp_avg_sqs)
     (q_left, q_right), (gg_left, gg_right) = _sides(qs), _sides(ggs)
@@ -97,7 +119,6 @@ def _soap_step_native(grads, exp_avgs, exp_avg_sqs, ggs, qs, step, beta1, beta2,
                                                        bias_correction, beta1, beta2, eps)
     if refresh:  # from the statistics of before this step
         torch.ops.fastoptim.soap_refresh_(exp_avg_sq, q_left, q_right, gg_left, gg_right)
-    torch.ops.fastoptim.soap_gram_(gg_left, gg_right, g, shampoo_beta, 1 - shampoo_beta)
     return direction.view(grads.shape)
 
 
