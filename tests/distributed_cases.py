@@ -21,12 +21,13 @@ from fastoptim.train.loop import TRAINER_DEFAULTS
 # Rows that 2 and 4 ranks do not divide (70, 66): the last shards are shorter, the owners' transfers padded.
 MODEL = LlamaConfig(dim=32, n_layers=2, n_heads=2, intermediate=70, vocab_size=66, seq_len=16)
 BATCH, SEQ = 8, 16
-# Small preconditioner blocks keep Kron and Soap cheap; Soap leaves axes of 64 or more unrotated and merges no
-# dims, so that its embedding, head and up/gate projections (rows 66 and 70) step as row shards, as a real
-# vocabulary does; float32
+# Small preconditioner blocks keep Kron and Soap cheap; Soap leaves axes of 64 or more unrotated, Kron gives axes
+# over 60 diagonal factors, and neither merges dims, so that their embedding, head and up/gate projections (rows 66
+# and 70) step as row shards, as a real vocabulary does; float32
 # Newton–Schulz (bf16 would round the ranks' last-bit gradient differences visibly); a clip that binds, so the
 # global-norm clip over ranks is exercised.
-OVERRIDES = {"kron": {"block_size": 16}, "soap": {"block_size": 16, "max_precond_dim": 64, "merge_dims_target": 0},
+OVERRIDES = {"kron": {"block_size": 16, "max_size_triangular": 60, "merge_dims_target": 0},
+             "soap": {"block_size": 16, "max_precond_dim": 64, "merge_dims_target": 0},
              "muon": {"ns_dtype": "float32"}, "scion": {"ns_dtype": "float32"}}
 MAX_GRAD_NORM = 0.5
 # Soap's trajectory in float32 is chaotic under last-bit gradient differences (its first eigenbases come from
@@ -68,9 +69,9 @@ def build(name: str, mode: str, rank: int, world_size: int, config: LlamaConfig 
 
 
 def state_bytes(optimizer) -> dict[str, int]:
-    """Bytes of every state tensor this rank holds; of its step counters; of the factors of Soap's row-sharded
-    tensors, which every rank holds whole and alike (each rank holding part of a parameter keeps its own copy of
-    those two)."""
+    """Bytes of every state tensor this rank holds; of its step counters; of the factors of Soap's and Kron's
+    row-sharded tensors that every rank holds whole and alike (each rank holding part of a parameter keeps its own
+    copy of those two)."""
     sharded = hasattr(optimizer, "state_bytes")
     inner = optimizer.optimizer if sharded else optimizer
     axes = optimizer.row_axes if sharded else {}
@@ -214,10 +215,11 @@ def consolidated_state_case(name: str, rank: int, world_size: int) -> dict:
     return {"same_layout": same_layout, "worst": worst, "round_trip": round_trip, "resumed": resumed}
 
 
-def soap_checkpoint_case(folder: str, rank: int, world_size: int) -> dict:
-    """Soap's row-sharded state through DCP: ZeRO-1 saves it after 3 steps (moments split on their row axis 1, the
-    factors whole); FSDP2 over the same ranks restores it, and each of its local state tensors must equal ZeRO-1's
-    (both split rows as torch.chunk does); reading whole tensors must give ZeRO-1's consolidated state."""
+def row_shard_checkpoint_case(name: str, folder: str, rank: int, world_size: int) -> dict:
+    """Soap's or Kron's row-sharded state through DCP: ZeRO-1 saves it after 3 steps (each state tensor split on its
+    row axis, the factors every rank holds alike whole); FSDP2 over the same ranks restores it, and each of its
+    local state tensors must equal ZeRO-1's (both split rows as torch.chunk does); reading whole tensors must give
+    ZeRO-1's consolidated state. Returns those two checks and how many saved tensors are split on each axis."""
     from pathlib import Path
 
     from torch.distributed.tensor import DTensor, Shard
@@ -225,13 +227,14 @@ def soap_checkpoint_case(folder: str, rank: int, world_size: int) -> dict:
     from fastoptim.train import checkpoint as ckpt
     from fastoptim.train.distributed import checkpoint_tensors, restore_checkpoint
 
-    wrapped, zero = build("soap", "zero1", rank, world_size)
+    wrapped, zero = build(name, "zero1", rank, world_size)
     for rows in batches(3):
         _step(wrapped, zero, rows, rank, world_size)
     tensors, rest = checkpoint_tensors(wrapped, zero, fsdp=False)
-    on_axis_1 = sum(isinstance(t, DTensor) and tuple(t.placements) == (Shard(1),) for t in tensors.values())
+    split_on = {axis: sum(isinstance(t, DTensor) and tuple(t.placements) == (Shard(axis),) for t in tensors.values())
+                for axis in (0, 1)}
     path = ckpt.save_checkpoint(Path(folder), tensors, {"step": 3}, keep=1)
-    fsdp_model, fsdp = build("soap", "fsdp", rank, world_size)
+    fsdp_model, fsdp = build(name, "fsdp", rank, world_size)
     restore_checkpoint({"path": path, "tensors": ckpt.tensor_shapes(path), "optimizer": rest}, fsdp_model, fsdp,
                        fsdp=True)
     mine, theirs = zero.local_state_dict()["state"], fsdp.local_state_dict()["state"]
@@ -246,7 +249,7 @@ def soap_checkpoint_case(folder: str, rank: int, world_size: int) -> dict:
                     for key, value in entries.items()}
     whole_equal = whole.keys() == consolidated.keys() and all(torch.equal(whole[n], v.cpu())
                                                               for n, v in consolidated.items())
-    return {"on_axis_1": on_axis_1, "local_equal": local_equal, "whole_equal": whole_equal}
+    return {"split_on": split_on, "local_equal": local_equal, "whole_equal": whole_equal}
 
 
 def bad_parameter_case(rank: int, world_size: int) -> dict:
@@ -262,7 +265,7 @@ def bad_parameter_case(rank: int, world_size: int) -> dict:
 
 
 CASES = {"run": run_case, "bad_gradient": bad_gradient_case, "reduce_scatter": reduce_scatter_case,
-         "consolidated_state": consolidated_state_case, "soap_checkpoint": soap_checkpoint_case,
+         "consolidated_state": consolidated_state_case, "row_shard_checkpoint": row_shard_checkpoint_case,
          "bad_parameter": bad_parameter_case}
 
 

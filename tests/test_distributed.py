@@ -41,8 +41,9 @@ def single():
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_modes_match_one_process_and_zero1_splits_the_state(world_size, single, tmp_path):
     runs = [("run", name, mode, STEPS) for mode, names in MODES.items() for name in names]
-    checks = [("bad_gradient",), ("reduce_scatter",), ("consolidated_state", "muon"), ("consolidated_state", "soap"),
-              ("soap_checkpoint", str(tmp_path / f"soap-{world_size}")), ("bad_parameter",)]
+    checks = [("bad_gradient",), ("reduce_scatter",), ("bad_parameter",),
+              *[("consolidated_state", name) for name in ("muon", "soap", "kron")],
+              *[("row_shard_checkpoint", name, str(tmp_path / name)) for name in ("soap", "kron")]]
     outcomes = launch(world_size, runs + checks, tmp_path)
     differ = {}
     for case in runs:
@@ -58,10 +59,11 @@ def test_modes_match_one_process_and_zero1_splits_the_state(world_size, single, 
             total = single[name]["state_bytes"]
             held = [got[case]["state_bytes"] for got in outcomes]
             assert max(held) <= total * (1 / world_size + 0.1), (name, mode, held, total)
-            # The shares partition the state exactly, but for the step counters and the factors of Soap's
-            # row-sharded tensors: each rank holding part of a parameter keeps its own copy.
+            # The shares partition the state exactly, but for the step counters and the factors every rank holds
+            # alike (Soap's and Kron's for their row-sharded tensors): each rank holding part of a parameter keeps
+            # its own copy.
             shared = {got[case]["shared_bytes"] for got in outcomes}
-            assert len(shared) == 1 and (name == "soap") == (shared != {0}), (name, mode, shared)
+            assert len(shared) == 1 and (name in ("soap", "kron")) == (shared != {0}), (name, mode, shared)
             apart = [got[case]["state_bytes"] - got[case]["step_bytes"] - got[case]["shared_bytes"]
                      for got in outcomes]
             assert sum(apart) == total - single[name]["step_bytes"] - shared.pop(), (name, mode, apart, total)
@@ -73,16 +75,18 @@ def test_modes_match_one_process_and_zero1_splits_the_state(world_size, single, 
         else:
             assert outcome["error"].startswith("RuntimeError: rank 1 refused the optimizer step (FloatingPointError")
     for rank, got in enumerate(outcomes):
-        for name in ("muon", "soap"):
+        for name in ("muon", "soap", "kron"):
             outcome = got[("consolidated_state", name)]
-            # One process's state up to rounding (Muon in float32: Adam's g/(|g| + eps) magnifies it on near-zero
-            # gradients, 3e-6 to 4e-6 on 2 and 4 ranks; Soap in float64, its row shards joined on their row axis);
-            # loaded back exactly.
+            # One process's state up to rounding (in float32, Muon's Adam branch magnifies it on near-zero gradients:
+            # 3e-6 to 4e-6 on 2 and 4 ranks; Soap in float64); Soap's and Kron's row shards joined on their row
+            # axes; loaded back exactly.
             assert outcome["same_layout"] and outcome["round_trip"], (rank, name, outcome)
             assert outcome["worst"] < 5e-5 and outcome["resumed"] < 5e-5, (rank, name, outcome)
-        # Six row-sharded Soap tensors (embedding, head, up and gate projections), each with two moments.
-        outcome = got[("soap_checkpoint", str(tmp_path / f"soap-{world_size}"))]
-        assert outcome == {"on_axis_1": 12, "local_equal": True, "whole_equal": True}, (rank, outcome)
+        # Six row-sharded tensors (embedding, head, up and gate projections): Soap's two moments in the block
+        # layout (rows on axis 1), Kron's momentum (axis 0) and diagonal factor (axis 1).
+        for name, split_on in (("soap", {0: 0, 1: 12}), ("kron", {0: 6, 1: 6})):
+            outcome = got[("row_shard_checkpoint", name, str(tmp_path / name))]
+            assert outcome == {"split_on": split_on, "local_equal": True, "whole_equal": True}, (rank, name, outcome)
     for got in outcomes:
         assert got[("bad_parameter",)]["error"].startswith(
             "ZeroRedundancy: parameter 'layers.0.mlp.up_proj.weight' (shape (70, 32)) is not contiguous"), got
@@ -114,12 +118,15 @@ def test_each_rank_holds_its_share_of_the_state_of_the_130m_model(world_size):
         assert max(load) <= 1.1 * mean and min(load) >= 0.9 * mean, (name, [x / mean for x in load])
 
 
+@pytest.mark.parametrize("name", ["soap", "kron"])
 @pytest.mark.parametrize("size", ["130m", "520m"])
 @pytest.mark.parametrize("world_size", [2, 4, 8])
-def test_soap_work_is_spread_over_the_ranks(size, world_size):
-    """Soap's per-step products on the paper's models with Llama 3's vocabulary, counted per rank: for each rotated
-    block axis of size b, four products of each block with a b×b matrix (rotate g, rotate m, rotate back, the
-    Gram). The embedding and the head, each two or more blocks of 128256 unrotated rows and more work than an
+def test_soap_and_kron_work_is_spread_over_the_ranks(name, size, world_size):
+    """Soap's and Kron's per-step products on the paper's models with Llama 3's vocabulary, counted per rank: each
+    block axis of size b with a b×b factor (Soap's rotated axes, Kron's triangular ones) costs a fixed number of
+    products of each block with a b×b matrix (Soap: rotate g, rotate m, rotate back, the Gram; Kron: QᵀQ·m, and
+    on update steps Q·G, the solve and two Grams), so its work is proportional to the block's elements times b.
+    The embedding and the head, each two or more blocks of 128256 rows without such a factor and more work than an
     8-rank mean, step as row shards over every rank; every rank's work is within 10% of the mean."""
     import math
 
@@ -129,7 +136,7 @@ def test_soap_work_is_spread_over_the_ranks(size, world_size):
 
     with torch.device("meta"):
         model = Llama(dataclasses.replace(get_model_config(size), vocab_size=128256))
-    optimizer = build_optimizer("soap", model, {})
+    optimizer = build_optimizer(name, model, {})
     ownership = ownership_spans(optimizer, world_size)
     names = [name for group in optimizer.param_groups for name in group["names"]]
     assert sorted(names[k] for k in ownership.row_axes) == ["embed_tokens.weight", "lm_head.weight"]
@@ -137,8 +144,8 @@ def test_soap_work_is_spread_over_the_ranks(size, world_size):
     groups = [group for group in optimizer.param_groups for _ in group["params"]]
     for group, param, spans in zip(groups, params_in_order(optimizer), ownership.spans):
         layout = optimizer.layout(group, param)
-        work = 4 * layout.num_blocks * math.prod(layout.block) * sum(
-            b for b, unrotated in zip(layout.block, layout.special) if not unrotated)
+        work = layout.num_blocks * math.prod(layout.block) * sum(
+            b for b, special in zip(layout.block, layout.special) if not special)
         for rank, (first, end) in enumerate(spans):
             load[rank] += work * (end - first) / param.numel()
     mean = sum(load) / world_size

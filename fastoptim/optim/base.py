@@ -110,6 +110,14 @@ def decay_of(group: Mapping) -> float:
     return group["weight_decay"] if group.get("weight_decay_mask", True) else 0.0
 
 
+@dataclass(frozen=True)
+class RowShard:
+    """A parameter that holds rows [first, first + its rows) of a whole tensor of `shape`, split over ranks."""
+
+    shape: torch.Size
+    first: int
+
+
 @dataclass
 class GroupWork:
     """One param group's share of a step: its parameters that have gradients, in group order."""
@@ -165,9 +173,10 @@ class BaseOptimizer(torch.optim.Optimizer):
     # the float32 mean of each count over the whole tensor, every rank's rows summed (Cautious's mask mean). It is a
     # collective: every rank calls it once per group and step. None: each tensor is whole in this process.
     whole_tensor_means: Callable[["GroupWork", torch.Tensor], torch.Tensor] | None = None
-    # Set likewise: sums a tensor over the ranks in place (Soap's Kronecker statistics of a row-sharded tensor, a sum
-    # over its rows). A collective: every rank calls it alike. None: each tensor is whole in this process.
+    # Set likewise: sum or max a tensor over the ranks in place (Soap's and Kron's sums over the rows of a
+    # row-sharded tensor). Collectives: every rank calls them alike. None: each tensor is whole in this process.
     sum_over_ranks: Callable[[torch.Tensor], None] | None = None
+    max_over_ranks: Callable[[torch.Tensor], None] | None = None
 
     def __init__(self, params, defaults: dict, *, fused=None, check_finite=False, overrides=None, **unknown):
         if unknown:
@@ -181,9 +190,9 @@ class BaseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"check_finite: expected False, True, 'warn' or 'raise', got {check_finite!r}")
         self.fused = fused
         self.check_finite = "raise" if check_finite is True else check_finite
-        # A row shard in the param groups (placed there by ZeRO-1 or FSDP2's stepping) → the shape of the whole
-        # parameter it is rows of, for optimizers whose state layout depends on it (Soap's blocks).
-        self.whole_shapes: dict[torch.Tensor, torch.Size] = {}
+        # A row shard in the param groups (placed there by ZeRO-1 or FSDP2's stepping) → which rows of which whole
+        # shape it is, for optimizers whose state layout or noise depends on it (Soap's and Kron's blocks).
+        self.shard_of: dict[torch.Tensor, RowShard] = {}
         super().__init__(param_groups(params, self.branch_of, overrides), defaults)
         if fused:
             self.check_native([p for g in self.param_groups for p in g["params"]])
@@ -256,6 +265,19 @@ class BaseOptimizer(torch.optim.Optimizer):
         if not all(key == "step" or tuple(shape) in rows for key, shape in shapes.items()):
             return None
         return {key: 0 for key in shapes if key != "step"}
+
+    def check_row_shards(self, work: list[GroupWork]) -> None:
+        """Raise, naming the parameter, if a row shard (shard_of) would step without the collectives that sum its
+        whole tensor's statistics over the ranks: outside ZeroRedundancy or OwnerStepper's step."""
+        if self.sum_over_ranks is not None and self.max_over_ranks is not None:
+            return
+        for item in work:
+            for param, position in zip(item.params, item.positions):
+                if param in self.shard_of:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: {self.param_label(item.group, item.index, position)} is rows of a "
+                        f"{tuple(self.shard_of[param].shape)} tensor, whose statistics sum over the ranks, but no "
+                        f"sum_over_ranks is set: step row shards through ZeroRedundancy or OwnerStepper")
 
     def step_device(self, param: torch.Tensor) -> torch.device:
         return torch.device("cpu") if self.host_steps else param.device

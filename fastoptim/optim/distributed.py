@@ -11,17 +11,18 @@
 param groups, LR schedulers and state_dict keep torch's conventions) and that holds no state yet:
 
 - Ownership (``ownership_spans``): the parameters of row-local branches (AdamW, NAdamW, Cautious, Mars, Lion; the
-  AdamW and signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) and Soap's tensors whose
-  vocabulary axis is not rotated (the embedding and the head) are split by rows over every rank, torch.chunk's
-  split, which is DTensor's Shard(0): each rank steps its rows, through a view put in the parameter's place in the
-  param group (``BaseOptimizer.row_axes`` says how each state tensor splits). What a row's update reads beyond its
-  row comes from one all-reduce: Cautious's mask mean over each whole tensor (the ranks' counts per group,
-  ``whole_tensor_means``), Soap's Kronecker statistics of the rotated axes (``sum_over_ranks``), after which every
-  rank holds and refreshes the same factors. Every other parameter has one owner rank that steps the whole tensor,
-  assigned greedily (largest first onto the least-loaded rank) by the bytes of the state it will hold
-  (``state_shapes``): whole tensors keep every per-tensor computation exact (Soap's rotated blocks, Kron's blocks,
-  Adam-mini's per-head blocks, Muon's and Scion's Newton–Schulz), and an owner's matrices of one shape are
-  orthogonalised in one batched call, as in one process.
+  AdamW and signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks) and Soap's and Kron's tensors
+  whose axis 0 has no b×b factor (the vocabulary of the embedding and the head) are split by rows over every rank,
+  torch.chunk's split, which is DTensor's Shard(0): each rank steps its rows, through a view put in the parameter's
+  place in the param group (``BaseOptimizer.row_axes`` says how each state tensor splits; ``shard_of`` which rows a
+  view holds). What a row's update reads beyond its row comes from all-reduces: Cautious's mask mean over each
+  whole tensor (the ranks' counts per group, ``whole_tensor_means``); Soap's and Kron's sums over the rows
+  (``sum_over_ranks``, ``max_over_ranks``: the other axes' statistics, Kron's per-tensor norms and diagonal
+  normaliser), after which every rank holds and updates the same factors. Every other parameter has one owner rank
+  that steps the whole tensor, assigned greedily (largest first onto the least-loaded rank) by the bytes of the
+  state it will hold (``state_shapes``): whole tensors keep every per-tensor computation exact (Soap's and Kron's
+  other blocks, Adam-mini's per-head blocks, Muon's and Scion's Newton–Schulz), and an owner's matrices of one
+  shape are orthogonalised in one batched call, as in one process.
 - Gradients: given the DDP model, a comm hook reduce-scatters each DDP bucket (each rank receives the average of
   the elements it owns; uneven parts, as ownership falls), overlapped with the backward pass as DDP's all-reduce is.
 - A step: the wrapped optimizer checks the owned gradients, state and hyperparameters (``prepare_step``); one
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fastoptim.optim.base import BaseOptimizer, GroupWork
+from fastoptim.optim.base import BaseOptimizer, GroupWork, RowShard
 
 
 def assign_owners(costs: list[int], world_size: int, load: list[int] | None = None) -> list[int]:
@@ -145,13 +146,15 @@ class OwnedShareStepper:
                                         for i, (limit, dtype) in enumerate(limits)}
         optimizer.whole_tensor_means = functools.partial(self._whole_tensor_means, device)
         optimizer.sum_over_ranks = functools.partial(dist.all_reduce, group=self.group)
+        optimizer.max_over_ranks = functools.partial(dist.all_reduce, op=dist.ReduceOp.MAX, group=self.group)
         try:
             for item in sorted(work, key=lambda item: item.group["branch"] not in optimizer.row_local_branches):
                 optimizer.update([item])
                 if after_group is not None:
                     after_group(item.index)
         finally:
-            optimizer.global_clip_scales = optimizer.whole_tensor_means = optimizer.sum_over_ranks = None
+            optimizer.global_clip_scales = optimizer.whole_tensor_means = None
+            optimizer.sum_over_ranks = optimizer.max_over_ranks = None
 
     def _whole_tensor_means(self, device: torch.device, item: GroupWork, counts: torch.Tensor) -> torch.Tensor:
         """``BaseOptimizer.whole_tensor_means``: (count, elements) of each of the group's positions summed over the
@@ -273,7 +276,7 @@ class ZeroRedundancy(OwnedShareStepper):
                 first, end = (e // _row_numel(param) for e in self.spans[k][self.rank])
                 shard = torch.nn.Parameter(param.detach()[first:end], requires_grad=param.requires_grad)
                 group["params"][i] = shards[k] = shard
-                optimizer.whole_shapes[shard] = param.shape
+                optimizer.shard_of[shard] = RowShard(param.shape, first)
                 templates[k] = DTensor.from_local(shard.detach(), mesh, [Shard(0)], run_check=False,
                                                   shape=param.shape, stride=param.stride())
         return shards, templates

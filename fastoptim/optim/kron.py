@@ -91,6 +91,10 @@ class Kron(BaseOptimizer):
 
     Not capturable in one CUDA graph: whether a step updates the preconditioner is decided on the host.
 
+    Under ZeRO-1 and FSDP2 a parameter whose axis 0 has a diagonal factor (the vocabulary) steps as row shards
+    (``row_axes``; each rank draws the whole tensor's V and uses its rows); every other one steps whole on its
+    owner rank.
+
     Args (defaults: Levanter's PSGD-Kron, which the benchmark ran, except no clipping):
         params: an nn.Module (the paper's decay mask) or tensors / param groups.
         lr: learning rate (default 1e-3).
@@ -144,10 +148,31 @@ class Kron(BaseOptimizer):
         self.step_plan: tuple[bool, bool] | None = None  # this step's (update the factors, balance them first)
 
     # ---- state -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def layout(group: dict, param: torch.Tensor) -> BlockLayout:
-        return kron_layout(tuple(param.shape), group["block_size"], group["merge_dims_target"],
-                           group["max_size_triangular"])
+    def whole_layout(self, group: dict, param: torch.Tensor) -> BlockLayout:
+        """The blocks of `param`, or of the whole tensor a row shard of it is part of (shard_of)."""
+        shard = self.shard_of.get(param)
+        return kron_layout(tuple(param.shape if shard is None else shard.shape), group["block_size"],
+                           group["merge_dims_target"], group["max_size_triangular"])
+
+    def layout(self, group: dict, param: torch.Tensor) -> BlockLayout:
+        """The blocks of `param`: for a row shard, the whole tensor's cut to its rows."""
+        layout = self.whole_layout(group, param)
+        return layout.with_rows(param.shape[0]) if param in self.shard_of else layout
+
+    def row_axes(self, group, param):
+        """A parameter whose axis 0 has a diagonal factor and is a merged axis of its own (the vocabulary axis of
+        the embedding and the head) steps as row shards: a row's momentum, direction and diagonal-factor entries
+        are its own, and what sums over the rows comes from all-reduces (the other factors' terms, the per-tensor
+        norms of normalize_grads, the damping and the RMS clip; the diagonal factor's normaliser, a max), so that
+        every rank holds and updates the same other factors and draws the whole tensor's noise for its rows. Not
+        with fused=True: the native preconditioner update has no point for those all-reduces, so row shards run it
+        in pure torch."""
+        if self.fused or param.ndim < 2 or not param.numel():
+            return None
+        layout = self.layout(group, param)
+        if layout.merged[0] != param.shape[0] or not layout.special[0]:
+            return None
+        return {"exp_avg": 0, "Q0": 1, **{f"Q{axis}": None for axis in range(1, len(layout.block))}}
 
     def state_shapes(self, group, param):
         layout = self.layout(group, param)
@@ -226,6 +251,7 @@ class Kron(BaseOptimizer):
         return work
 
     def update(self, work: list[GroupWork]) -> None:
+        self.check_row_shards(work)
         scales = self.clip_scales([item for item in work if not item.group["normalize_grads"]])
         if self.step_plan is None:
             # One schedule for the whole optimizer (as Levanter's single counter), read from the first group.
@@ -245,7 +271,7 @@ class Kron(BaseOptimizer):
         group = item.group
         grads = item.grads if scale is None else torch._foreach_mul(item.grads, scale)
         if group["normalize_grads"]:
-            grads = torch._foreach_div(grads, torch._foreach_add(torch._foreach_norm(grads), 1e-16))
+            grads = torch._foreach_div(grads, torch._foreach_add(self._whole_norms(item, grads, 2), 1e-16))
         exp_avgs, steps = item.state_list("exp_avg"), item.state_list("step")
         beta1 = group["betas"][0]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -255,33 +281,68 @@ class Kron(BaseOptimizer):
         blocks = [lay.to_blocks(m).float() for lay, m in zip(layouts, exp_avgs)]
         if due:
             first = sum(len(group["params"]) for group in self.param_groups[:item.index])
-            noise = [self._noise(b.shape, b.device, first + position) for b, position in zip(blocks, item.positions)]
+            noise = [self._noise_of(group, p, b, first + position)
+                     for p, b, position in zip(item.params, blocks, item.positions)]
             # √eps·mean|m̂| over each parameter's blocks (its zero padding included)
-            damping = torch._foreach_mul(torch._foreach_norm(blocks, 1),
-                                         [DAMPING * c / max(b.numel(), 1) for c, b in zip(corrections, blocks)])
-        batches = defaultdict(list)  # same block shape and factor kinds: one batched call
-        for i, lay in enumerate(layouts):
-            batches[(lay.block, lay.special, item.params[i].device)].append(i)
+            whole_sizes = [math.prod(self.whole_layout(group, p).block) * lay.num_blocks
+                           for p, lay in zip(item.params, layouts)]
+            damping = torch._foreach_mul(self._whole_norms(item, blocks, 1),
+                                         [DAMPING * c / max(n, 1) for c, n in zip(corrections, whole_sizes)])
+        # Same block shape and factor kinds: one batched call. Row shards batch by their whole shape, so that every
+        # rank makes the same collective calls, in the same order.
+        batches = defaultdict(list)
+        for i, (p, lay) in enumerate(zip(item.params, layouts)):
+            shard = self.shard_of.get(p)
+            batches[(lay.block, lay.special, p.device, None if shard is None else shard.shape)].append(i)
         directions = [None] * len(item.params)
-        for (block, diagonal, device), idx in batches.items():
+        for (block, diagonal, device, whole), idx in batches.items():
+            collectives = {} if whole is None else {"sum_over_ranks": self.sum_over_ranks,
+                                                    "max_over_ranks": self.max_over_ranks}
             qs = [packed_state([item.states[i] for i in idx], f"Q{axis}") for axis in range(len(block))]
             m = concat([blocks[i] for i in idx]) * _per_block([corrections[i] for i in idx],
                                                              [blocks[i].shape[0] for i in idx], len(block), device)
             if due:
                 if balance:
-                    kron_balance_(qs, fused=self.fused)
+                    kron_balance_(qs, fused=self.fused, max_over_ranks=collectives.get("max_over_ranks"))
                 kron_update_preconditioner_(m, qs, diagonal, concat([noise[i] for i in idx]),
                                             torch.cat([damping[i].expand(blocks[i].shape[0]) for i in idx]),
-                                            precond_lr=group["precond_lr"], fused=self.fused)
+                                            precond_lr=group["precond_lr"], fused=self.fused, **collectives)
             out = kron_precondition(m, qs, diagonal, fused=self.fused)
             for i, u in zip(idx, out.split([layouts[i].num_blocks for i in idx])):
                 directions[i] = layouts[i].from_blocks(u).to(item.params[i].dtype)
         # u ← u/max(1, rms(u)/1.1) per parameter
-        limits = torch._foreach_mul(torch._foreach_norm(directions),
-                                    [1 / (BLOCK_RMS_LIMIT * math.sqrt(max(u.numel(), 1))) for u in directions])
+        sizes = [math.prod(self.shard_of[p].shape) if p in self.shard_of else p.numel() for p in item.params]
+        limits = torch._foreach_mul(self._whole_norms(item, directions, 2),
+                                    [1 / (BLOCK_RMS_LIMIT * math.sqrt(max(n, 1))) for n in sizes])
         torch._foreach_clamp_min_(limits, 1.0)
         torch._foreach_div_(directions, limits)
         apply_update_(item.params, directions, lr=group["lr"], weight_decay=decay_of(group), fused=self.fused)
+
+
+    def _whole_norms(self, item: GroupWork, tensors: list[torch.Tensor], order: int) -> list[torch.Tensor]:
+        """The L1 or L2 norm (`order`) of each tensor of the group; for a row shard, of the whole tensor: one
+        all-reduce of the row shards' sums (of |x| or x²) for the group, which every rank makes alike, since
+        every rank holds rows of each of them."""
+        norms = torch._foreach_norm(tensors, order)
+        sharded = [i for i, p in enumerate(item.params) if p in self.shard_of]
+        if not sharded:
+            return list(norms)
+        sums = torch.stack([norms[i].float() ** order for i in sharded])
+        self.sum_over_ranks(sums)
+        whole = list(norms)
+        for j, i in enumerate(sharded):
+            whole[i] = (sums[j] if order == 1 else sums[j].sqrt()).to(norms[i].dtype)
+        return whole
+
+    def _noise_of(self, group: dict, param: torch.Tensor, blocks: torch.Tensor, position: int) -> torch.Tensor:
+        """V for the parameter's blocks: for a row shard, its rows of the whole tensor's draw (what one process
+        draws, whatever the split)."""
+        shard = self.shard_of.get(param)
+        if shard is None:
+            return self._noise(blocks.shape, blocks.device, position)
+        whole = self.whole_layout(group, param)
+        drawn = self._noise((whole.num_blocks, *whole.block), blocks.device, position)
+        return drawn[:, shard.first:shard.first + blocks.shape[1]]
 
 
 def _per_block(values: list[float], counts: list[int], block_ndim: int, device: torch.device):

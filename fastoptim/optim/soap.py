@@ -86,11 +86,11 @@ class Soap(BaseOptimizer):
         super().__init__(params, defaults, fused=fused, check_finite=check_finite, overrides=overrides)
 
     def layout(self, group: dict, param: torch.Tensor) -> BlockLayout:
-        """The blocks of `param`: those of the whole parameter cut to its rows, for a row shard (whole_shapes)."""
-        whole = self.whole_shapes.get(param)
-        layout = soap_layout(tuple(param.shape if whole is None else whole), group["block_size"],
+        """The blocks of `param`: those of the whole parameter cut to its rows, for a row shard (shard_of)."""
+        shard = self.shard_of.get(param)
+        layout = soap_layout(tuple(param.shape if shard is None else shard.shape), group["block_size"],
                              group["merge_dims_target"], group["max_precond_dim"])
-        return layout if whole is None else layout.with_rows(param.shape[0])
+        return layout if shard is None else layout.with_rows(param.shape[0])
 
     def row_axes(self, group, param):
         """A parameter whose rows are not rotated (the vocabulary axis of the embedding and the head, axis 0 a
@@ -121,6 +121,7 @@ class Soap(BaseOptimizer):
         return work
 
     def update(self, work: list[GroupWork]) -> None:
+        self.check_row_shards(work)
         scales = self.clip_scales(work)
         for item in work:
             group, scale = item.group, scales.get(item.index)
@@ -131,13 +132,9 @@ class Soap(BaseOptimizer):
             for i, p in enumerate(item.params):
                 layout = self.layout(group, p)
                 key = (layout.block, layout.special, p.dtype, p.device, int(item.states[i]["step"]))
-                batches[(*key, self.whole_shapes.get(p))].append(i)
+                shard = self.shard_of.get(p)
+                batches[(*key, None if shard is None else shard.shape)].append(i)
             for (block, special, _, _, done, whole), idx in batches.items():
-                if whole is not None and self.sum_over_ranks is None:
-                    label = self.param_label(group, item.index, item.positions[idx[0]])
-                    raise RuntimeError(f"Soap: {label} is rows of a {tuple(whole)} tensor, whose statistics sum "
-                                       f"over the ranks, but no sum_over_ranks is set: step row shards through "
-                                       f"ZeroRedundancy or OwnerStepper")
                 self._batch_step(item, grads, idx, len(block), done + 1,
                                  sum_grams=None if whole is None else self.sum_over_ranks)
 

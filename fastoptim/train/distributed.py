@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastoptim.optim.base import RowShard
 from fastoptim.optim.distributed import (OwnedShareStepper, ZeroRedundancy, check_shardable, held_state_bytes,
-                                         ownership_spans)
+                                         ownership_spans, row_shards)
 from fastoptim.train import checkpoint as ckpt
 
 MODES = ("single", "ddp", "zero1", "fsdp")
@@ -176,10 +177,10 @@ class OwnerStepper(OwnedShareStepper):
     """An optimizer over an FSDP2 model (1-D mesh, parameters sharded on dim 0).
 
     Parameters that step as row shards (``BaseOptimizer.row_axes``: AdamW, NAdamW, Cautious, Mars and Lion whole;
-    the AdamW/signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks; Soap's tensors with an
-    unrotated vocabulary axis) step in place on the local shards: no gather, and each rank holds 1/world of their
-    state. Every other parameter (matrices of Muon and Scion, Adam-mini's per-head blocks; the rest of Soap and all
-    of Kron, whose updates read whole tensors) has one owner rank,
+    the AdamW/signum branches of Muon, Scion and Adam-mini; Adam-mini's per-row blocks; Soap's and Kron's tensors
+    whose vocabulary axis has no b×b factor) step in place on the local shards: no gather, and each rank holds
+    1/world of their state. Every other parameter (matrices of Muon and Scion, Adam-mini's per-head blocks; Soap's
+    and Kron's other tensors, whose updates read whole blocks) has one owner rank,
     assigned by state bytes on top of the shards' load (``ownership_spans``, as under ZeRO-1): its gradient's shards
     go to the owner alone (one all-to-all per bucket of same-shape parameters, all issued together), the owner steps
     the whole tensor, and its new value goes back into the shards (one all-to-all per bucket). The optimizer is built
@@ -220,7 +221,8 @@ class OwnerStepper(OwnedShareStepper):
         optimizer = build(self.shadow)
         positions = [name for group in optimizer.param_groups for name in group["names"]]
         params = dict(self.params)
-        optimizer.whole_shapes.update((shadow_params[name], params[name].shape) for name in self.local)
+        optimizer.shard_of.update((shadow_params[name], RowShard(params[name].shape, _first_row(params[name])))
+                                  for name in self.local)
         # torch position → the model's DTensor, for state held as local shards (checkpoints wrap it as DTensors)
         self.sharded_state = {k: params[name] for k, name in enumerate(positions) if name in self.local}
         held = [k for k, name in enumerate(positions) if name in self.local or self.owner[name] == env.rank]
@@ -477,6 +479,11 @@ def full_model_state(model: nn.Module, fsdp: bool) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _first_row(param) -> int:
+    """The first of the whole tensor's rows that this rank's FSDP2 shard of `param` holds (torch.chunk's split)."""
+    return row_shards(param.shape[0], param.device_mesh.size())[param.device_mesh.get_local_rank()][0]
 
 
 def _padded_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

@@ -38,19 +38,31 @@ def norm_lower_bound(a: Tensor) -> Tensor:
     return torch.where(nonzero, bound, 0.0)
 
 
-def kron_balance_(qs: list[Tensor], *, fused: bool | None = None) -> None:
-    """Rescale each block's factors to the geometric mean of their max-abs norms (the product is unchanged)."""
-    if ops.use_native(fused, "kron_balance_", qs):
+def _check_split(fused: bool | None, op: str, split: bool) -> None:
+    if split and fused:
+        raise ValueError(f"{op}: blocks split over ranks run in pure torch (the native op has no point for the "
+                         f"collectives between its reductions and its update), so fused=True cannot take them")
+
+
+def kron_balance_(qs: list[Tensor], *, fused: bool | None = None, max_over_ranks=None) -> None:
+    """Rescale each block's factors to the geometric mean of their max-abs norms (the product is unchanged).
+    `max_over_ranks(t)`, when given, takes the max of t over the ranks in place: the blocks are this rank's rows
+    (block axis 0) of blocks split over ranks."""
+    _check_split(fused, "kron_balance_", max_over_ranks is not None)
+    if max_over_ranks is None and ops.use_native(fused, "kron_balance_", qs):
         torch.ops.fastoptim.kron_balance_(qs)
         return
     norms = torch.stack([q.abs().flatten(1).amax(-1) for q in qs])  # (factors, n)
+    if max_over_ranks is not None:  # the row factor's norm over every rank's rows; the others are alike on all
+        max_over_ranks(norms)
     target = norms.log().mean(0).exp()
     for q, norm in zip(qs, norms):
         q.mul_((target / norm).view(-1, *[1] * (q.ndim - 1)))
 
 
 def kron_update_preconditioner_(grads: Tensor, qs: list[Tensor], diagonal: tuple[bool, ...], noise: Tensor,
-                                damping: Tensor, *, precond_lr: float, fused: bool | None = None) -> None:
+                                damping: Tensor, *, precond_lr: float, fused: bool | None = None,
+                                sum_over_ranks=None, max_over_ranks=None) -> None:
     """One preconditioner step from G (the momentum blocks) and V ~ N(0, I) (`noise`, like G).
 
     G ← G + damping·V (damping: one factor per block, (n,)); A = Q·G along every axis; conjB = V with each
@@ -58,9 +70,16 @@ def kron_update_preconditioner_(grads: Tensor, qs: list[Tensor], diagonal: tuple
     old factors: term1 = A_(i)A_(i)ᵀ, term2 = conjB_(i)conjB_(i)ᵀ and
     Q_i ← Q_i − precond_lr/‖term1+term2‖·triu(term1−term2)·Q_i with ‖·‖ the spectral-norm lower bound
     (diagonal factors: the elementwise terms and max|term1+term2|).
+
+    With `sum_over_ranks` and `max_over_ranks` (in-place collectives), the blocks are this rank's rows, block axis
+    0 with a diagonal factor, of blocks split over ranks: the other axes' terms are sums over the rows, so they are
+    summed over the ranks, and axis 0's normaliser is the max over them; every rank then takes the whole blocks'
+    step, its own rows of the diagonal factor and the same other factors.
     """
+    split = sum_over_ranks is not None
+    _check_split(fused, "kron_update_preconditioner_", split)
     grads = grads.contiguous()
-    if ops.use_native(fused, "kron_update_preconditioner_", [grads]):
+    if not split and ops.use_native(fused, "kron_update_preconditioner_", [grads]):
         torch.ops.fastoptim.kron_update_preconditioner_(grads, qs, noise.contiguous(), damping.contiguous(),
                                                         precond_lr)
         return
@@ -79,12 +98,17 @@ def kron_update_preconditioner_(grads: Tensor, qs: list[Tensor], diagonal: tuple
             conj = solved.reshape(moved.shape).movedim(-1, axis + 1)
     tiny = torch.finfo(grads.dtype).tiny
     for axis, (q, diag) in enumerate(zip(qs, diagonal)):
+        terms = (torch.stack([_axis_sum_of_squares(a, axis), _axis_sum_of_squares(conj, axis)]) if diag else
+                 torch.stack([unfold_gram(a, axis), unfold_gram(conj, axis)]))
+        if split and axis > 0:
+            sum_over_ranks(terms)
+        term1, term2 = terms
         if diag:
-            term1, term2 = _axis_sum_of_squares(a, axis), _axis_sum_of_squares(conj, axis)
-            step = precond_lr / ((term1 + term2).abs().amax(-1, keepdim=True) + tiny)
-            q.sub_(step * (term1 - term2) * q)
+            bound = (term1 + term2).abs().amax(-1, keepdim=True)
+            if split and axis == 0:
+                max_over_ranks(bound)
+            q.sub_(precond_lr / (bound + tiny) * (term1 - term2) * q)
         else:
-            term1, term2 = unfold_gram(a, axis), unfold_gram(conj, axis)
             step = precond_lr / (norm_lower_bound(term1 + term2) + tiny)
             q.sub_(step[:, None, None] * (torch.triu(term1 - term2) @ q))
 
