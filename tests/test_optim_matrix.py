@@ -666,35 +666,45 @@ class RanksInThreads:
                 future.result()
 
 
+def step_row_shards_and_whole(cls, hp, whole, grads, spans):
+    """Step `whole` (parameters of one shape) in one process, and its rows `spans` as ranks in threads, each with
+    its own optimizer told which rows it holds and summing over the others through RanksInThreads, on the same
+    gradients (grads[parameter][step]). Returns (the one-process optimizer, per rank its shards, its optimizer,
+    the RanksInThreads)."""
+    device = whole[0].device
+    shards = [[p.detach()[a:b].clone().requires_grad_() for p in whole] for a, b in spans]
+    ranks = RanksInThreads(len(spans))
+    optimizers = []
+    for rank, params in enumerate(shards):
+        opt = cls(params, **hp)
+        opt.shard_of.update((p, RowShard(whole[0].shape, spans[rank][0])) for p in params)
+        opt.sum_over_ranks, opt.max_over_ranks = ranks.sum_for(rank), ranks.max_for(rank)
+        optimizers.append(opt)
+    one = cls(whole, **hp)
+    for step in range(len(grads[0])):
+        set_grads(whole, [g[step].to(device) for g in grads])
+        for (a, b), params in zip(spans, shards):
+            set_grads(params, [g[step][a:b].to(device) for g in grads])
+        one.step()
+        ranks.run([opt.step for opt in optimizers])
+    return one, shards, optimizers, ranks
+
+
 @pytest.mark.parametrize("fused", [None, False])
 def test_soap_row_shards_with_summed_statistics_step_as_the_whole_tensor(fused, rng, device):
     """What a rank of ZeRO-1 or FSDP2 does with a tensor whose vocabulary axis is not rotated: three ranks each step
     their rows (11, 11, 10 of 32) of two such tensors, batched together, with the statistics summed over the ranks;
     after six steps (first step, three refreshes) every rank's rows are the whole tensor's stepped in one process,
     and every rank holds the same factors, bit for bit."""
-    rows, cols, block, world = 32, 16, 8, 3
+    rows, cols, block = 32, 16, 8
     hp = dict(lr=0.01, betas=(0.9, 0.95), shampoo_beta=0.9, eps=1e-10, weight_decay=0.1, precondition_frequency=2,
               block_size=block, max_precond_dim=rows, merge_dims_target=0, fused=fused)
     whole = random_params([(rows, cols), (rows, cols)], rng, device)
     grads = [hadamard_grads(rows, cols, block, 6, rng) for _ in whole]
     spans = [(0, 11), (11, 22), (22, 32)]
-    shards = [[p.detach()[a:b].clone().requires_grad_() for p in whole] for a, b in spans]
-    ranks = RanksInThreads(world)
-    optimizers = []
-    for rank, params in enumerate(shards):
-        opt = fastoptim.Soap(params, **hp)
-        opt.shard_of.update((p, RowShard(torch.Size((rows, cols)), spans[rank][0])) for p in params)
-        opt.sum_over_ranks, opt.max_over_ranks = ranks.sum_for(rank), ranks.max_for(rank)
-        optimizers.append(opt)
-    one = fastoptim.Soap(whole, **hp)
+    one, shards, optimizers, ranks = step_row_shards_and_whole(fastoptim.Soap, hp, whole, grads, spans)
     assert one.row_axes(one.param_groups[0], whole[0]) == {"exp_avg": 1, "exp_avg_sq": 1, "GG1": None, "Q1": None}
-    for step in range(6):
-        set_grads(whole, [g[step].to(device) for g in grads])
-        for (a, b), params in zip(spans, shards):
-            set_grads(params, [g[step][a:b].to(device) for g in grads])
-        one.step()
-        ranks.run([opt.step for opt in optimizers])
-    assert ranks.calls == [6] * world  # one sum per step: the two tensors' statistics are batched
+    assert ranks.calls == [6] * 3  # one sum per step: the two tensors' statistics are batched
     for (a, b), params in zip(spans, shards):
         for p, q in zip(params, whole):
             # The differently summed statistics round differently: a few float32 ulps of the parameter (the six
@@ -860,29 +870,15 @@ def test_kron_row_shards_with_summed_statistics_step_as_the_whole_tensor(fused, 
     import fastoptim.optim.kron as kron_module
 
     monkeypatch.setattr(kron_module, "BALANCE_EVERY", 2)
-    rows, cols, block, world = 32, 16, 8, 3
+    rows, cols, block = 32, 16, 8
     hp = dict(lr=0.01, betas=(0.9, 0.0), weight_decay=0.1, block_size=block, precond_lr=0.2,
               precond_update_flat_start=100, max_size_triangular=rows - 1, merge_dims_target=0, fused=fused)
     whole = random_params([(rows, cols), (rows, cols)], rng, device)
     scales = 10 * (1 + torch.arange(block, dtype=torch.float32)).repeat(cols // block)
     grads = [[torch.randn(rows, cols, generator=rng) * scales for _ in range(6)] for _ in whole]
     spans = [(0, 11), (11, 22), (22, 32)]
-    shards = [[p.detach()[a:b].clone().requires_grad_() for p in whole] for a, b in spans]
-    ranks = RanksInThreads(world)
-    optimizers = []
-    for rank, params in enumerate(shards):
-        opt = fastoptim.Kron(params, **hp)
-        opt.shard_of.update((p, RowShard(torch.Size((rows, cols)), spans[rank][0])) for p in params)
-        opt.sum_over_ranks, opt.max_over_ranks = ranks.sum_for(rank), ranks.max_for(rank)
-        optimizers.append(opt)
-    one = fastoptim.Kron(whole, **hp)
+    one, shards, optimizers, _ = step_row_shards_and_whole(fastoptim.Kron, hp, whole, grads, spans)
     assert one.row_axes(one.param_groups[0], whole[0]) == {"exp_avg": 0, "Q0": 1, "Q1": None}
-    for step in range(6):
-        set_grads(whole, [g[step].to(device) for g in grads])
-        for (a, b), params in zip(spans, shards):
-            set_grads(params, [g[step][a:b].to(device) for g in grads])
-        one.step()
-        ranks.run([opt.step for opt in optimizers])
     for (a, b), params, opt in zip(spans, shards, optimizers):
         for p, q in zip(params, whole):
             # Sums over the ranks round differently from one process's: a few float32 ulps of the parameter (the
