@@ -318,7 +318,6 @@ class Kron(BaseOptimizer):
         torch._foreach_div_(directions, limits)
         apply_update_(item.params, directions, lr=group["lr"], weight_decay=decay_of(group), fused=self.fused)
 
-
     def _whole_norms(self, item: GroupWork, tensors: list[torch.Tensor], order: int) -> list[torch.Tensor]:
         """The L1 or L2 norm (`order`) of each tensor of the group; for a row shard, of the whole tensor: one
         all-reduce of the row shards' sums (of |x| or x²) for the group, which every rank makes alike, since
