@@ -134,5 +134,5 @@ def _refresh_eigenbases_(exp_avg_sqs: Tensor, ggs: list[Tensor | None], qs: list
         view = [n] + [1] * (exp_avg_sqs.ndim - 1)
         view[axis + 1] = b
         exp_avg_sqs.copy_(exp_avg_sqs.gather(axis + 1, order.reshape(view).expand_as(exp_avg_sqs)))
-        q_new, _ = torch.linalg.qr(gg_q.gather(-1, columns).float())  # GG·Q with Q's columns sorted
-        q.copy_(q_new)
+        # The Q factor of QR(GG·Q) with Q's columns sorted, from geqrf's reflectors (as the native op: no R formed)
+        q.copy_(torch.linalg.householder_product(*torch.geqrf(gg_q.gather(-1, columns).float())))
