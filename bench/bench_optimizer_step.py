@@ -195,21 +195,46 @@ def _ours(name: str, backend: str, model, device):
 CASES = [(name, backend) for name in OPTIMIZER_NAMES for backend in (*OURS, *PEERS.get(name, {}))]
 
 
-@pytest.mark.shape_sets("130m", "520m", "1.2b")
-@pytest.mark.parametrize(("optimizer", "backend"), CASES, ids=[f"{n}-{b}" for n, b in CASES])
-def test_optimizer_step(measure, model_set, bench_device, optimizer, backend):
-    model = param_model(model_set, bench_device)
+def _stepper(optimizer: str, backend: str, model, device):
+    """(one step after a first one, restore the gradients: some peers (heavyball) drop p.grad after their step)."""
     grads = [(p, p.grad) for p in model.parameters()]
 
-    def restore_grads():  # untimed; some peers (heavyball) drop p.grad after their step
+    def restore_grads():
         for p, g in grads:
             p.grad = g
 
     if backend in OURS:
-        step = _ours(optimizer, backend, model, bench_device)
-    else:
-        step = PEERS[optimizer][backend](model, bench_device)
-        step()
+        return _ours(optimizer, backend, model, device), restore_grads
+    step = PEERS[optimizer][backend](model, device)
+    step()
+    return step, restore_grads
+
+
+@pytest.mark.shape_sets("130m", "520m", "1.2b")
+@pytest.mark.parametrize(("optimizer", "backend"), CASES, ids=[f"{n}-{b}" for n, b in CASES])
+def test_optimizer_step(measure, model_set, bench_device, optimizer, backend):
+    model = param_model(model_set, bench_device)
+    step, restore_grads = _stepper(optimizer, backend, model, bench_device)
     bound, work = _work(optimizer, model, bench_device)
     measure(step, family=f"step-{optimizer}", shapes=model_set, backend=backend, bound=bound, work=work,
             setup=restore_grads)
+
+
+SOAP_BACKENDS = (*OURS, *PEERS["soap"])
+
+
+@pytest.mark.shape_sets("130m", "520m", "1.2b")
+@pytest.mark.parametrize("backend", SOAP_BACKENDS)
+def test_soap_refresh_cycle(measure, model_set, bench_device, backend):
+    """SOAP_FREQUENCY Soap steps as one round, the eigenbasis refresh (a QR of every factor) among them: what a run
+    pays per step, which the fastest round of test_optimizer_step leaves out. Divided by the cycle's steps' work."""
+    model = param_model(model_set, bench_device)
+    step, restore_grads = _stepper("soap", backend, model, bench_device)
+
+    def cycle():
+        for _ in range(SOAP_FREQUENCY):
+            restore_grads()
+            step()
+
+    bound, work = _work("soap", model, bench_device)
+    measure(cycle, family="cycle-soap", shapes=model_set, backend=backend, bound=bound, work=work * SOAP_FREQUENCY)
