@@ -714,7 +714,12 @@ def test_soap_row_shards_with_summed_statistics_step_as_the_whole_tensor(fused, 
         states = [opt.state[params[p]] for opt, params in zip(optimizers, shards)]
         for key in ("GG1", "Q1"):
             assert all(torch.equal(s[key], states[0][key]) for s in states[1:]), key
-            assert_close(states[0][key], one.state[whole[p]][key], rtol=1e-5, atol=1e-6)
+        # A Gram entry is a float32 sum of 32 terms up to the largest entry's size, so its rounding is relative to
+        # that size (300 seeds: 1.5e-6 of max|GG|, and 1.4e-6 in the unit-sized eigenbases); a missing or partial
+        # sum changes both at 1e-1.
+        gg = one.state[whole[p]]["GG1"]
+        assert_close(states[0]["GG1"], gg, rtol=0, atol=1e-5 * gg.abs().max().item())
+        assert_close(states[0]["Q1"], one.state[whole[p]]["Q1"], rtol=0, atol=1e-5)
 
 
 def test_soap_row_shard_without_a_sum_over_ranks_is_refused(rng):
