@@ -167,10 +167,10 @@ class Kron(BaseOptimizer):
         every rank holds and updates the same other factors and draws the whole tensor's noise for its rows. Not
         with fused=True: the native preconditioner update has no point for those all-reduces, so row shards run it
         in pure torch."""
-        if self.fused or param.ndim < 2 or not param.numel():
+        if self.fused or not param.numel():
             return None
         layout = self.layout(group, param)
-        if layout.merged[0] != param.shape[0] or not layout.special[0]:
+        if not layout.rows_apart:
             return None
         return {"exp_avg": 0, "Q0": 1, **{f"Q{axis}": None for axis in range(1, len(layout.block))}}
 

@@ -98,10 +98,10 @@ class Soap(BaseOptimizer):
         a row read that row only, and each rotated axis's Kronecker statistic, a sum over the rows, is summed over
         the ranks (sum_over_ranks), so that every rank holds, and refreshes, the same factors. The moments, in the
         layout (num_blocks, rows, ...), hold the rows on axis 1."""
-        if param.ndim < 2 or not param.numel():
+        if not param.numel():
             return None
         layout = self.layout(group, param)
-        if layout.merged[0] != param.shape[0] or not layout.special[0]:
+        if not layout.rows_apart:
             return None
         return {key: 1 if key.startswith("exp_avg") else None for key in self.state_shapes(group, param)
                 if key != "step"}

@@ -76,12 +76,17 @@ class BlockLayout:
         grid = tuple(-(-d // b) for d, b in zip(merged, block))
         return cls(shape, merged, special, block, grid)
 
+    @property
+    def rows_apart(self) -> bool:
+        """Whether the parameter's rows stay apart in its blocks: axis 0 (of a ≥2-D parameter) is a merged axis of its
+        own and special, so never cut and without a b×b factor. Then the blocks of some of its rows are the whole
+        tensor's blocks cut to those rows (with_rows), and each row is preconditioned on its own."""
+        return len(self.shape) >= 2 and self.merged[0] == self.shape[0] and self.special[0]
+
     def with_rows(self, rows: int) -> "BlockLayout":
-        """This layout for `rows` of the parameter's rows (a row shard of it); axis 0 must be a merged axis of its
-        own that each block holds whole (a special axis), so that a shard's blocks are the whole tensor's blocks cut
-        by rows."""
-        if self.merged[0] != self.shape[0] or self.grid[0] != 1:
-            raise ValueError(f"blocks of shape {self.block} of a {self.shape} tensor do not hold its rows whole")
+        """This layout for `rows` of the parameter's rows (a row shard of it; needs rows_apart)."""
+        if not self.rows_apart:
+            raise ValueError(f"blocks of shape {self.block} of a {self.shape} tensor do not keep its rows apart")
         return BlockLayout((rows, *self.shape[1:]), (rows, *self.merged[1:]), self.special, (rows, *self.block[1:]),
                            self.grid)
 
